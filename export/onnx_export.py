@@ -1,0 +1,202 @@
+"""Export a registered architecture to a model directory and prove parity with torch.
+
+``export_model`` builds the torch module, loads weights (or warns loudly that they are random),
+writes one ONNX file per graph into a staging directory, runs each file in ONNX Runtime against
+the torch module on fresh random inputs (a batch size other than the one traced, to exercise
+the dynamic axes), and only then renames the directory into place with its manifest.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+import kpface
+from kpface.errors import KpfaceError
+from kpface.manifest import staging_dir, write_manifest
+
+from . import registry
+from .checkpoint import load_weights
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OPSET = 17
+# Parity gate (issue 2): max |onnx - torch| <= 1e-4 * max |torch|, and cosine >= 0.99999.
+PARITY_REL_TOL = 1e-4
+PARITY_MIN_COSINE = 0.99999
+
+
+class ParityError(KpfaceError):
+    """The exported graph does not reproduce the torch module."""
+
+
+def build_model(arch: str, weights: str | os.PathLike | None = None, strict: bool = True,
+                task: str | None = None):
+    """Return (spec, eval-mode module, source description for the manifest)."""
+    spec = registry.get(arch, task)
+    model = spec.factory().eval()
+    if weights is None and spec.packaged_weights is not None:
+        weights = spec.packaged_weights()
+    if weights is not None:
+        source = load_weights(model, weights, remap=spec.remap_keys, strict=strict, arch=arch)
+        source["random_weights"] = False
+    else:
+        log.warning("!!! %s has RANDOM WEIGHTS: no --weights given. Its outputs are "
+                    "meaningless for real faces; pass --weights PATH for a real model. !!!", arch)
+        source = {"random_weights": True}
+    return spec, model, source
+
+
+def compare_outputs(ref: np.ndarray, got: np.ndarray) -> dict[str, float]:
+    ref64, got64 = ref.astype(np.float64).ravel(), got.astype(np.float64).ravel()
+    diff = float(np.max(np.abs(ref64 - got64))) if ref64.size else 0.0
+    scale = float(np.max(np.abs(ref64))) if ref64.size else 0.0
+    denom = np.linalg.norm(ref64) * np.linalg.norm(got64)
+    cosine = float(ref64 @ got64 / denom) if denom > 0 else float(np.array_equal(ref64, got64))
+    return {"max_abs_diff": diff, "output_scale": scale,
+            "rel_max_diff": diff / scale if scale > 0 else diff, "cosine": cosine}
+
+
+def _onnx_session(path: Path):
+    import onnxruntime as ort
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def check_parity(module: torch.nn.Module, graph: registry.GraphSpec, onnx_path: Path,
+                 batch: int = 3, seed: int = 1234) -> dict[str, Any]:
+    gen = torch.Generator().manual_seed(seed)
+    inputs = graph.example_inputs(batch, gen)
+    with torch.no_grad():
+        ref = module(*inputs)
+    ref = ref if isinstance(ref, (tuple, list)) else (ref,)
+    sess = _onnx_session(onnx_path)
+    feeds = {s.name: t.numpy() for s, t in zip(graph.inputs, inputs)}
+    got = sess.run([o.name for o in graph.outputs], feeds)
+    per_output = {o.name: compare_outputs(r.detach().float().numpy(), g)
+                  for o, r, g in zip(graph.outputs, ref, got)}
+    ok = all(v["rel_max_diff"] <= PARITY_REL_TOL and v["cosine"] >= PARITY_MIN_COSINE
+             for v in per_output.values())
+    return {"batch": batch, "seed": seed, "rel_tol": PARITY_REL_TOL,
+            "min_cosine": PARITY_MIN_COSINE, "passed": ok, "outputs": per_output}
+
+
+def _torch_export(module, inputs, path: Path, graph: registry.GraphSpec, opset: int) -> None:
+    dynamic_axes = {s.name: s.dynamic_axes() for s in graph.inputs + graph.outputs
+                    if s.dynamic_axes()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about python control flow
+        torch.onnx.export(module, inputs, str(path), input_names=[s.name for s in graph.inputs],
+                          output_names=[s.name for s in graph.outputs],
+                          dynamic_axes=dynamic_axes, opset_version=opset,
+                          do_constant_folding=True, dynamo=False)
+
+
+def constants_to_initializers(path: Path, module: torch.nn.Module, min_size: int = 16) -> list[str]:
+    """Move large ``Constant`` nodes into initializers, named after the buffer they hold.
+
+    The tracer folds geometry-only buffers (KP-RPE patch grid, bucket gather indices, priors)
+    into Constant nodes with anonymous names; as initializers named after their buffer they are
+    easy to find, check and share. Returns the initializer names that came from buffers.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    buffers = {name: b.detach().cpu().numpy() for name, b in module.named_buffers()
+               if b.numel() >= min_size}
+    model = onnx.load(str(path))
+    g = model.graph
+    named, keep = [], []
+    for node in g.node:
+        if node.op_type != "Constant" or node.attribute[0].name != "value":
+            keep.append(node)
+            continue
+        arr = numpy_helper.to_array(node.attribute[0].t)
+        if arr.size < min_size:
+            keep.append(node)
+            continue
+        name = node.output[0]
+        for bname, buf in buffers.items():
+            if buf.size == arr.size and buf.dtype == arr.dtype and np.array_equal(buf.ravel(), arr.ravel()):
+                name = bname
+                named.append(bname)
+                break
+        init = numpy_helper.from_array(arr, name)
+        if name != node.output[0]:
+            for other in g.node:
+                for i, inp in enumerate(other.input):
+                    if inp == node.output[0]:
+                        other.input[i] = name
+        g.initializer.append(init)
+    del g.node[:]
+    g.node.extend(keep)
+    onnx.save(model, str(path))
+    return named
+
+
+def export_model(arch: str, out_dir: str | os.PathLike, weights: str | os.PathLike | None = None,
+                 opset: int = DEFAULT_OPSET, strict: bool = True, task: str | None = None,
+                 check: bool = True, progress: Callable[[str], None] | None = None
+                 ) -> dict[str, Any]:
+    """Export ``arch`` into ``out_dir`` (model.onnx + manifest.json); return the manifest."""
+    import onnx
+
+    say = progress or (lambda msg: log.info("%s", msg))
+    if opset < 17:
+        raise KpfaceError(f"opset {opset} is too old: LayerNormalization needs opset >= 17")
+    spec, model, source = build_model(arch, weights, strict=strict, task=task)
+    out_dir = Path(out_dir)
+    graphs_meta: dict[str, Any] = {}
+    parity: dict[str, Any] = {}
+    t_start = time.perf_counter()
+    with staging_dir(out_dir) as tmp:
+        for graph in spec.graphs:
+            module = graph.module(model).eval()
+            path = tmp / graph.filename
+            say(f"exporting {arch}:{graph.name} to ONNX (opset {opset})")
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                _torch_export(module, graph.example_inputs(2, torch.Generator().manual_seed(0)),
+                              path, graph, opset)
+            constants_to_initializers(path, module)
+            onnx.checker.check_model(str(path))
+            export_s = time.perf_counter() - t0
+            graphs_meta[graph.name] = {
+                "file": graph.filename,
+                "inputs": [s.to_dict() for s in graph.inputs],
+                "outputs": [s.to_dict() for s in graph.outputs],
+                "bytes": path.stat().st_size, "export_seconds": round(export_s, 2)}
+            if check:
+                say(f"checking {graph.name}.onnx against torch in ONNX Runtime")
+                result = check_parity(module, graph, path)
+                parity[graph.name] = result
+                if not result["passed"]:
+                    worst = max(result["outputs"].items(), key=lambda kv: kv[1]["rel_max_diff"])
+                    raise ParityError(
+                        f"{arch}:{graph.name} failed parity: output {worst[0]} rel max diff "
+                        f"{worst[1]['rel_max_diff']:.2e} (limit {PARITY_REL_TOL:g}), cosine "
+                        f"{worst[1]['cosine']:.7f} (limit {PARITY_MIN_COSINE}); nothing was written")
+        manifest = {
+            "kpface_version": kpface.__version__,
+            "name": out_dir.name,
+            "arch": arch,
+            "task": spec.task,
+            "description": spec.description,
+            "opset": opset,
+            "torch_version": torch.__version__,
+            "onnx_version": onnx.__version__,
+            "graphs": graphs_meta,
+            **spec.manifest,
+            "source": source,
+            "parity": parity,
+            "export_seconds": round(time.perf_counter() - t_start, 2),
+        }
+        manifest = write_manifest(tmp, manifest, [g["file"] for g in graphs_meta.values()])
+    return manifest

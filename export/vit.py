@@ -1,0 +1,211 @@
+"""Face ViT (CVLface ``vit`` / ``vit_kprpe``), with or without KP-RPE.
+
+No cls token; pre-norm blocks with ReLU6 MLPs; a token-major flatten into a
+Linear-BN-Linear-BN feature head. Specification: cvlface-kprpe-facts.md sections 1-2.
+The module tree mirrors the checkpoint keys after the ``net.`` prefix is removed.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from .kprpe import KPRPE
+
+
+@dataclass(frozen=True)
+class ViTConfig:
+    img_size: int = 112
+    patch_size: int = 8
+    embed_dim: int = 512
+    depth: int = 12
+    num_heads: int = 8
+    mlp_ratio: float = 5.0
+    output_dim: int = 512
+    kprpe: bool = True
+    num_keypoints: int = 5
+
+    @property
+    def side(self) -> int:
+        return self.img_size // self.patch_size
+
+    @property
+    def num_tokens(self) -> int:
+        return self.side ** 2
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, kprpe: bool):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.kprpe = kprpe
+        self.qkv = nn.Linear(dim, dim * 3, bias=False)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        b, n, c = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        if self.kprpe:
+            # KP-RPE variant: scale q first, add the (unscaled) bias to the logits.
+            attn = (q * self.scale) @ k.transpose(-2, -1)
+            if bias is not None:
+                attn = attn + bias
+        else:
+            # Plain CVLface ViT: scale after the product (differs only in rounding).
+            attn = (q @ k.transpose(-2, -1)) * self.scale
+        attn = attn.softmax(dim=-1)
+        out = (attn @ v).transpose(1, 2).reshape(b, n, c)
+        return self.proj(out)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.ReLU6()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, kprpe: bool):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, num_heads, kprpe)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), bias)
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch_size: int, dim: int):
+        super().__init__()
+        self.proj = nn.Conv2d(3, dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)  # token n = row*side + col
+
+
+class FaceViT(nn.Module):
+    """``forward(image, keypoints)`` -> raw [B, output_dim] embedding (not normalised).
+
+    ``image``: [B, 3, H, W] RGB in [-1, 1]; ``keypoints``: [B, K, 2] (x, y) in [0, 1] of
+    that image. The plain ViT accepts and ignores ``keypoints`` so both share one signature.
+    """
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.cfg = cfg
+        dim = cfg.embed_dim
+        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_tokens, dim))
+        self.patch_embed = PatchEmbed(cfg.patch_size, dim)
+        self.blocks = nn.ModuleList(
+            Block(dim, cfg.num_heads, cfg.mlp_ratio, cfg.kprpe) for _ in range(cfg.depth))
+        self.norm = nn.LayerNorm(dim)
+        self.feature = nn.Sequential(
+            nn.Linear(dim * cfg.num_tokens, cfg.output_dim, bias=False),
+            nn.BatchNorm1d(cfg.output_dim, eps=2e-5),
+            nn.Linear(cfg.output_dim, cfg.output_dim, bias=False),
+            nn.BatchNorm1d(cfg.output_dim, eps=2e-5),
+        )
+        if cfg.kprpe:
+            # Registered last so the state-dict order matches the reference (section 2.1).
+            self.rpe = KPRPE(cfg.side, cfg.depth, cfg.num_heads, cfg.num_keypoints)
+            self.keypoint_linear = nn.Linear(2 * cfg.num_keypoints, self.rpe.table_size)
+            nn.init.zeros_(self.keypoint_linear.weight)
+            nn.init.zeros_(self.keypoint_linear.bias)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+
+    def forward(self, image: torch.Tensor, keypoints: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.patch_embed(image) + self.pos_embed
+        if self.cfg.kprpe:
+            if keypoints is None:
+                raise ValueError("a KP-RPE model needs keypoints")
+            biases = self.rpe.biases(self.keypoint_linear(self.rpe.relative_keypoints(keypoints)))
+        else:
+            biases = [None] * len(self.blocks)
+        for block, bias in zip(self.blocks, biases):
+            x = block(x, bias)
+        x = self.norm(x.float())
+        return self.feature(x.flatten(1))
+
+
+# --- registry -----------------------------------------------------------------------------
+
+def _recognizer_manifest(cfg: ViTConfig) -> dict:
+    from kpface.landmarks import LANDMARK_ORDER
+    return {
+        "config": cfg.to_dict(),
+        "preprocess": {"size": [cfg.img_size, cfg.img_size], "color": "RGB", "layout": "NCHW",
+                       "mean": [127.5] * 3, "std": [127.5] * 3},
+        "keypoints": {"count": cfg.num_keypoints, "order": list(LANDMARK_ORDER),
+                      "coords": "x,y in [0,1] of the recognizer input image",
+                      "used": cfg.kprpe},
+        "embedding_size": cfg.output_dim,
+        "normalize_embedding": True,
+        # Cosine threshold of the CVLface verification app (section 4).
+        "threshold": 0.3,
+    }
+
+
+def _example_inputs(cfg: ViTConfig):
+    def make(batch: int, gen: torch.Generator):
+        image = torch.rand(batch, 3, cfg.img_size, cfg.img_size, generator=gen) * 2 - 1
+        # Plausible landmarks: the ArcFace template jittered by a few percent.
+        base = torch.tensor([[0.342, 0.462], [0.657, 0.460], [0.500, 0.640],
+                             [0.371, 0.825], [0.632, 0.824]])
+        kp = base + 0.05 * (torch.rand(batch, cfg.num_keypoints, 2, generator=gen) - 0.5)
+        return image, kp
+    return make
+
+
+def remap_vit_keys(state: dict) -> dict:
+    """CVLface ``net.*`` and Hugging Face ``model.net.*`` keys -> this module's keys."""
+    out = {}
+    for k, v in state.items():
+        for prefix in ("model.net.", "net."):
+            if k.startswith(prefix):
+                k = k[len(prefix):]
+                break
+        out[k] = v
+    return out
+
+
+def _register(name: str, description: str, **kw) -> None:
+    from .registry import ArchSpec, GraphSpec, TensorSpec, register
+    cfg = ViTConfig(**kw)
+    graph = GraphSpec(
+        name="model",
+        module=lambda m: m,
+        inputs=[TensorSpec("image", ("batch", 3, cfg.img_size, cfg.img_size), layout="NCHW RGB [-1,1]"),
+                TensorSpec("keypoints", ("batch", cfg.num_keypoints, 2), layout="x,y in [0,1]")],
+        outputs=[TensorSpec("embedding", ("batch", cfg.output_dim), layout="raw, not normalised")],
+        example_inputs=_example_inputs(cfg),
+    )
+    register(ArchSpec(name=name, task="recognizer", description=description,
+                      factory=lambda: FaceViT(cfg), graphs=[graph],
+                      manifest=_recognizer_manifest(cfg), remap_keys=remap_vit_keys))
+
+
+_register("vit_kprpe_base", "ViT-base + KP-RPE (published CVLface checkpoints)",
+          depth=24, num_heads=16, mlp_ratio=3.0)
+_register("vit_kprpe_small", "ViT-small + KP-RPE (published config, no checkpoint)",
+          depth=12, num_heads=8, mlp_ratio=5.0)
+_register("vit_base", "ViT-base without KP-RPE (overhead baseline)",
+          depth=24, num_heads=16, mlp_ratio=3.0, kprpe=False)
+_register("vit_small", "ViT-small without KP-RPE (overhead baseline)",
+          depth=12, num_heads=8, mlp_ratio=5.0, kprpe=False)
+_register("vit_kprpe_tiny", "tiny KP-RPE ViT for tests (random weights only)",
+          embed_dim=64, depth=2, num_heads=2, mlp_ratio=2.0)

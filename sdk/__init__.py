@@ -1,0 +1,16 @@
+"""kpface: landmark-conditioned (KP-RPE) face recognition for edge devices.
+
+Run-time imports are numpy, opencv and one engine; torch is only needed by
+:mod:`kpface.export`.
+"""
+__version__ = "0.1.0"
+
+from .errors import (AccuracyGateError, CheckpointError, EngineUnavailable, InputError,  # noqa: F401
+                     KpfaceError, ModelError)
+
+
+def __getattr__(name):  # lazy: keep `import kpface` cheap and torch-free
+    if name in ("FacePipeline", "Face", "Gallery", "compare"):
+        from . import pipeline
+        return getattr(pipeline, name)
+    raise AttributeError(name)
