@@ -186,13 +186,16 @@ def remap_vit_keys(state: dict) -> dict:
 def _register(name: str, description: str, **kw) -> None:
     from .registry import ArchSpec, GraphSpec, TensorSpec, register
     cfg = ViTConfig(**kw)
+    inputs = [TensorSpec("image", ("batch", 3, cfg.img_size, cfg.img_size), layout="NCHW RGB [-1,1]"),
+              TensorSpec("keypoints", ("batch", cfg.num_keypoints, 2), layout="x,y in [0,1]")]
+    make = _example_inputs(cfg)
+    # A plain ViT ignores keypoints, so its graph has the image input only.
     graph = GraphSpec(
         name="model",
         module=lambda m: m,
-        inputs=[TensorSpec("image", ("batch", 3, cfg.img_size, cfg.img_size), layout="NCHW RGB [-1,1]"),
-                TensorSpec("keypoints", ("batch", cfg.num_keypoints, 2), layout="x,y in [0,1]")],
+        inputs=inputs if cfg.kprpe else inputs[:1],
         outputs=[TensorSpec("embedding", ("batch", cfg.output_dim), layout="raw, not normalised")],
-        example_inputs=_example_inputs(cfg),
+        example_inputs=make if cfg.kprpe else (lambda b, g: make(b, g)[:1]),
     )
     register(ArchSpec(name=name, task="recognizer", description=description,
                       factory=lambda: FaceViT(cfg), graphs=[graph],
