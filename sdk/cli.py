@@ -1,0 +1,291 @@
+"""The ``kpface`` command line: export, build, run, compare, bench, demo, engines, info.
+
+Only this module prints. Every :class:`KpfaceError` becomes one line on stderr and a non-zero
+exit; ``--debug`` shows the traceback instead.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import traceback
+from pathlib import Path
+
+from . import __version__
+from .errors import InputError, KpfaceError
+
+log = logging.getLogger("kpface")
+
+TASKS = ("recognizer", "detector", "keypoints")
+DEFAULT_ARCH = {"recognizer": "vit_kprpe_small", "detector": "mtcnn", "keypoints": "dfa_mnet025"}
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+def say(msg: str = "") -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def engine_names() -> list[str]:
+    try:
+        from kpface.runtimes.engines import ENGINES
+        return [e.name for e in ENGINES.values()] if isinstance(ENGINES, dict) else [e.name for e in ENGINES]
+    except ImportError:
+        return ["onnxruntime"]
+
+
+# -- export -----------------------------------------------------------------------------------
+
+def cmd_export(args) -> int:
+    try:
+        from kpface.export.onnx_export import export_model
+    except ImportError as e:
+        raise KpfaceError(f"export needs torch and onnx ({e.name} is missing): "
+                          "pip install 'kpface[export]'") from None
+    arch = args.arch or DEFAULT_ARCH[args.task]
+    out = Path(args.out or arch)
+    manifest = export_model(arch, out, weights=args.weights, opset=args.opset,
+                            strict=not args.no_strict, task=args.task, progress=say)
+    print(f"exported {arch} to {out}/ in {manifest['export_seconds']:.1f} s")
+    for name, g in manifest["graphs"].items():
+        line = f"  {g['file']}: {g['bytes'] / 1e6:.1f} MB"
+        p = manifest["parity"].get(name)
+        if p:
+            for oname, o in p["outputs"].items():
+                line += (f" | parity {oname}: max abs diff {o['max_abs_diff']:.2e} "
+                         f"(rel {o['rel_max_diff']:.2e}), cosine {o['cosine']:.7f}")
+        print(line)
+    if manifest["source"].get("random_weights"):
+        say(f"WARNING: {arch} was exported with RANDOM weights; pass --weights PATH for a real model")
+    print(f"next: kpface build {out} --runtime onnxruntime --precision int8")
+    return 0
+
+
+# -- build ------------------------------------------------------------------------------------
+
+def cmd_build(args) -> int:
+    from kpface.runtimes.build import build
+    info = build(args.model_dir, args.runtime, args.precision, calib_images=args.calib,
+                 force=args.force, progress=say)
+    print(json.dumps(info.get("accuracy", {}), indent=2))
+    print(f"built {info.get('dir', '')}")
+    return 0
+
+
+# -- run / compare ----------------------------------------------------------------------------
+
+def _pipeline(args):
+    from .pipeline import FacePipeline
+    return FacePipeline.from_dir(args.models, runtime=args.runtime, precision=args.precision,
+                                 threads=args.threads, use_keypoints=not args.no_keypoints)
+
+
+def cmd_run(args) -> int:
+    from .draw import draw_faces
+    from .image import load_image
+    import cv2
+
+    pipe = _pipeline(args)
+    results = {}
+    failures = 0
+    for i, path in enumerate(args.images):
+        try:
+            image = load_image(path)
+        except InputError as e:
+            say(f"error: {e}")
+            failures += 1
+            continue
+        faces = pipe(image)
+        results[str(path)] = [f.to_dict(embedding=True) for f in faces]
+        if not faces:
+            say(f"{path}: no faces found")
+        for j, f in enumerate(faces):
+            print(f"{path}: face {j}: box {[round(float(v)) for v in f.box]} score {f.score:.3f}")
+        if args.draw:
+            target = Path(args.draw)
+            if len(args.images) > 1:
+                target = target.with_name(f"{target.stem}_{i}{target.suffix or '.png'}")
+            if not cv2.imwrite(str(target), draw_faces(image, faces)):
+                raise InputError(f"could not write {target}; check the folder and the suffix")
+            say(f"drew {len(faces)} face(s) into {target}")
+    if args.json:
+        from .manifest import write_json
+        write_json(args.json, results)
+        say(f"wrote {args.json}")
+    if failures:
+        raise InputError(f"{failures} of {len(args.images)} image(s) could not be read")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from .image import load_image
+    pipe = _pipeline(args)
+    faces = []
+    for path in (args.image_a, args.image_b):
+        found = pipe(load_image(path))
+        if not found:
+            raise InputError(f"{path}: no face found, nothing to compare")
+        if len(found) > 1:
+            say(f"{path}: {len(found)} faces, comparing the highest-scoring one")
+        faces.append(max(found, key=lambda f: f.score))
+    c = pipe.compare(*faces)
+    print(f"cosine {c.cosine:.4f} -> {'same person' if c.same else 'different people'} "
+          f"(threshold {c.threshold})")
+    return 0
+
+
+# -- bench / demo / engines / info ------------------------------------------------------------
+
+def cmd_bench(args) -> int:
+    from .bench import format_table, run_bench
+    from .pipeline import default_models_dir
+    report = run_bench(args.models or default_models_dir(), args.out, runtimes=args.runtime,
+                       precisions=args.precision, batches=tuple(args.batch),
+                       repeats=args.repeats, threads=args.threads, progress=say)
+    print(format_table(report))
+    say(f"wrote {args.out}/report.md, report.json and the chart")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+    return run_demo(out_dir=Path(args.out), models_dir=args.models, skip_bench=args.skip_bench,
+                    progress=say)
+
+
+def cmd_engines(args) -> int:
+    from kpface.runtimes.engines import engine_table
+    print(engine_table())
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .manifest import load_manifest
+    m = load_manifest(args.model_dir, verify=True)
+    keep = ("name", "arch", "task", "opset", "graphs", "preprocess", "keypoints",
+            "embedding_size", "threshold", "source", "parity")
+    print(json.dumps({k: m[k] for k in keep if k in m}, indent=2))
+    builds = Path(args.model_dir) / "builds"
+    if builds.is_dir():
+        print("builds: " + ", ".join(sorted(p.name for p in builds.iterdir() if p.is_dir())))
+    return 0
+
+
+# -- parser -----------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    engines = engine_names()
+    p = argparse.ArgumentParser(
+        prog="kpface", description="Landmark-conditioned (KP-RPE) face recognition: export, "
+        "build for an engine, run, benchmark.",
+        epilog="engines: " + ", ".join(engines) + ". `kpface engines` says which run here.")
+    p.add_argument("--version", action="version", version=f"kpface {__version__}")
+    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    e = sub.add_parser("export", help="export a torch model to an ONNX model directory")
+    e.add_argument("task", choices=TASKS)
+    e.add_argument("--arch", help="architecture (default: recognizer vit_kprpe_small, detector "
+                   "mtcnn, keypoints dfa_mnet025); see `kpface export TASK --list`")
+    e.add_argument("--weights", help="checkpoint: CVLface model.pt, HF model.safetensors or "
+                   "kpface .safetensors (default: packaged weights, else RANDOM)")
+    e.add_argument("--out", help="output model directory (default: ./ARCH)")
+    e.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 17; default 17)")
+    e.add_argument("--no-strict", action="store_true",
+                   help="load a checkpoint even if keys are missing or unexpected")
+    e.add_argument("--list", action="store_true", help="list the architectures of TASK and exit")
+    e.set_defaults(func=cmd_export)
+
+    b = sub.add_parser("build", help="build MODEL_DIR for an engine and gate it on accuracy")
+    b.add_argument("model_dir")
+    b.add_argument("--runtime", choices=engines, default="onnxruntime")
+    b.add_argument("--precision", choices=PRECISIONS, default="fp32")
+    b.add_argument("--calib", help="folder of face images for int8 calibration "
+                   "(default: scikit-image's sample faces)")
+    b.add_argument("--force", action="store_true", help="keep a build that fails its accuracy gate")
+    b.set_defaults(func=cmd_build)
+
+    def stage_opts(sp):
+        sp.add_argument("--models", help="models directory with detector/, keypoints/, "
+                        "recognizer/ (default: $KPFACE_HOME/models, made by `kpface demo`)")
+        sp.add_argument("--runtime", choices=engines, default="onnxruntime")
+        sp.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                        help="recognizer precision (a build must exist for fp16/int8)")
+        sp.add_argument("--threads", type=int, help="engine threads (default: all cores)")
+        sp.add_argument("--no-keypoints", action="store_true",
+                        help="use the detector's landmarks even if a keypoint model exists")
+
+    r = sub.add_parser("run", help="detect, align and embed the faces of images")
+    r.add_argument("images", nargs="+", metavar="IMAGE")
+    stage_opts(r)
+    r.add_argument("--json", help="write faces (box, score, landmarks, embedding) to this file")
+    r.add_argument("--draw", help="write the image with boxes and landmarks to this PNG")
+    r.set_defaults(func=cmd_run)
+
+    c = sub.add_parser("compare", help="are the faces in two images the same person?")
+    c.add_argument("image_a")
+    c.add_argument("image_b")
+    stage_opts(c)
+    c.set_defaults(func=cmd_compare)
+
+    be = sub.add_parser("bench", help="latency, memory and accuracy per stage/engine/precision")
+    be.add_argument("--models", help="models directory (default: $KPFACE_HOME/models)")
+    be.add_argument("--out", default="bench", help="report folder (default: ./bench)")
+    be.add_argument("--runtime", nargs="*", choices=engines, help="engines (default: all available)")
+    be.add_argument("--precision", nargs="*", choices=PRECISIONS, help="precisions (default: all built)")
+    be.add_argument("--batch", nargs="+", type=int, default=[1, 8], help="recognizer batches")
+    be.add_argument("--repeats", type=int, default=30, help="timed runs per configuration")
+    be.add_argument("--threads", type=int, default=2, help="engine threads (default 2)")
+    be.set_defaults(func=cmd_bench)
+
+    d = sub.add_parser("demo", help="export default models, build engines, run on a sample photo, bench")
+    d.add_argument("--out", default="demo-out", help="folder for the annotated image and report")
+    d.add_argument("--models", help="models directory (default: $KPFACE_HOME/models)")
+    d.add_argument("--skip-bench", action="store_true", help="skip the benchmark")
+    d.set_defaults(func=cmd_demo)
+
+    en = sub.add_parser("engines", help="the engine table and what runs on this machine")
+    en.set_defaults(func=cmd_engines)
+
+    i = sub.add_parser("info", help="show a model directory's manifest (and verify its hashes)")
+    i.add_argument("model_dir")
+    i.set_defaults(func=cmd_info)
+    return p
+
+
+def list_archs(task: str) -> int:
+    from kpface.export.registry import archs
+    for name, spec in sorted(archs(task).items()):
+        print(f"{name:20s} {spec.description}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("nncf", "openvino", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        if args.command == "export" and args.list:
+            return list_archs(args.task)
+        return args.func(args)
+    except KpfaceError as e:
+        if args.debug:
+            traceback.print_exc()
+        say(f"kpface: error: {e}")
+        return e.exit_code
+    except KeyboardInterrupt:
+        say("kpface: interrupted")
+        return 130
+    except Exception as e:  # a bug, not bad input: still one line unless --debug
+        if args.debug:
+            traceback.print_exc()
+        say(f"kpface: internal error: {type(e).__name__}: {e} (re-run with --debug for the traceback)")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,247 @@
+"""FacePipeline: detect -> keypoints -> embed, torch-free.
+
+    pipe = FacePipeline.from_dir("~/.cache/kpface/models")
+    faces = pipe(cv2.imread("photo.jpg"))          # list[Face], embeddings L2-normalised
+    pipe.compare(faces[0], other_face)             # Comparison(cosine, same, threshold)
+
+A models directory holds one model directory per stage, each written by ``kpface export``:
+``detector/``, ``keypoints/`` (optional: without it the detector's landmarks are used) and
+``recognizer/``. The pipeline holds no per-call state, so one instance may serve many threads.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from .errors import InputError, ModelError
+from .image import to_bgr8
+from .manifest import atomic_write_bytes, load_manifest
+
+log = logging.getLogger(__name__)
+
+STAGES = ("detector", "keypoints", "recognizer")
+
+
+def default_models_dir() -> Path:
+    home = os.environ.get("KPFACE_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "kpface")
+    return Path(home) / "models"
+
+
+@dataclass
+class Face:
+    """One face: box (x1, y1, x2, y2) and landmarks (5 x (x, y)) in image pixels."""
+
+    box: np.ndarray
+    score: float
+    landmarks: np.ndarray
+    embedding: np.ndarray | None = None  # L2-normalised
+    crop: np.ndarray | None = field(default=None, repr=False)  # recognizer input, BGR uint8
+
+    def to_dict(self, embedding: bool = True) -> dict[str, Any]:
+        out = {"box": [round(float(v), 2) for v in self.box], "score": round(float(self.score), 5),
+               "landmarks": [[round(float(x), 2), round(float(y), 2)] for x, y in self.landmarks]}
+        if embedding and self.embedding is not None:
+            out["embedding"] = [round(float(v), 6) for v in self.embedding]
+        return out
+
+
+@dataclass(frozen=True)
+class Comparison:
+    cosine: float
+    same: bool
+    threshold: float
+
+
+def l2_normalize(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    norm = np.linalg.norm(x, axis=axis, keepdims=True)
+    return x / np.maximum(norm, 1e-12)
+
+
+def _embedding_of(x: Face | np.ndarray) -> np.ndarray:
+    emb = x.embedding if isinstance(x, Face) else x
+    if emb is None:
+        raise InputError("this face has no embedding; run the full pipeline, not detect()")
+    emb = np.asarray(emb, dtype=np.float32).ravel()
+    return l2_normalize(emb)
+
+
+def compare(a: Face | np.ndarray, b: Face | np.ndarray, threshold: float = 0.3) -> Comparison:
+    """Cosine similarity of two faces (or embeddings) and a same/different decision."""
+    ea, eb = _embedding_of(a), _embedding_of(b)
+    if ea.shape != eb.shape:
+        raise InputError(f"embeddings of different sizes: {ea.size} and {eb.size}")
+    cos = float(np.clip(ea @ eb, -1.0, 1.0))
+    return Comparison(cosine=cos, same=cos >= threshold, threshold=threshold)
+
+
+class FacePipeline:
+    """detect -> (keypoints) -> embed on any runtime; see :meth:`from_dir`."""
+
+    def __init__(self, detector, recognizer, recognizer_manifest: dict, keypoints=None,
+                 convention: str = "aligned"):
+        self.detector = detector
+        self.keypoints = keypoints
+        self.recognizer = recognizer
+        self.manifest = recognizer_manifest
+        self.convention = convention
+        self.threshold = float(recognizer_manifest.get("threshold", 0.3))
+        self._feed_keypoints = "keypoints" in recognizer.input_names
+
+    @classmethod
+    def from_dir(cls, models_dir: str | os.PathLike | None = None, runtime: str = "onnxruntime",
+                 precision: str = "fp32", threads: int | None = None,
+                 use_keypoints: bool = True, detector_precision: str = "fp32",
+                 convention: str = "aligned") -> "FacePipeline":
+        """Open ``models_dir/{detector,keypoints,recognizer}``.
+
+        ``precision`` applies to the recognizer; the detection stages run at
+        ``detector_precision`` on the same runtime.
+        """
+        from kpface.runtimes import open_session
+
+        from .detect import load_detector, load_keypoints
+
+        root = Path(models_dir) if models_dir is not None else default_models_dir()
+        if not root.is_dir():
+            hint = " (run `kpface demo` to create the default models)" if models_dir is None else ""
+            raise ModelError(f"models directory {root} does not exist{hint}")
+        for stage in ("detector", "recognizer"):
+            if not (root / stage).is_dir():
+                raise ModelError(f"{root} has no {stage}/ model; export one with "
+                                 f"`kpface export {stage} --out {root / stage}`")
+        detector = load_detector(root / "detector", runtime=runtime,
+                                 precision=detector_precision, threads=threads)
+        keypoints = None
+        if use_keypoints and (root / "keypoints").is_dir():
+            keypoints = load_keypoints(root / "keypoints", runtime=runtime,
+                                       precision=detector_precision, threads=threads)
+        manifest = load_manifest(root / "recognizer", task="recognizer")
+        recognizer = open_session(root / "recognizer", runtime=runtime, precision=precision,
+                                  threads=threads, manifest=manifest)
+        log.info("pipeline: detector %s, keypoints %s, recognizer %s on %s/%s (%s)",
+                 getattr(detector, "arch", "?"), getattr(keypoints, "arch", "detector's own"),
+                 manifest.get("arch"), runtime, precision, recognizer.provider)
+        return cls(detector, recognizer, manifest, keypoints=keypoints, convention=convention)
+
+    # -- stages ------------------------------------------------------------------------------
+    def detect(self, image: np.ndarray) -> list[Face]:
+        """Boxes, scores and landmarks (refined by the keypoint model if there is one)."""
+        image = to_bgr8(image)
+        faces = []
+        for det in self.detector.detect(image):
+            landmarks = det.landmarks
+            if self.keypoints is not None:
+                landmarks = self.keypoints.predict(image, det)
+            faces.append(Face(box=np.asarray(det.box, np.float32), score=float(det.score),
+                              landmarks=np.asarray(landmarks, np.float32).reshape(5, 2)))
+        return faces
+
+    def embed_crops(self, crops: Sequence[np.ndarray], landmarks_in_crop: Sequence[np.ndarray]
+                    ) -> np.ndarray:
+        """Embed face crops (BGR) with landmarks in crop pixels; returns [N, D] normalised."""
+        from .align import recognizer_inputs
+        if len(crops) == 0:
+            return np.zeros((0, int(self.manifest.get("embedding_size", 512))), np.float32)
+        images, keypoints = recognizer_inputs(crops, landmarks_in_crop, self.manifest)
+        feeds = {"image": images}
+        if self._feed_keypoints:
+            feeds["keypoints"] = keypoints
+        out = self.recognizer.run(feeds)
+        emb = out.get("embedding", next(iter(out.values())))
+        return l2_normalize(np.asarray(emb, np.float32))
+
+    def __call__(self, image: np.ndarray, return_crops: bool = False) -> list[Face]:
+        """All faces of one BGR image, embedded in one recognizer call."""
+        from .align import crop_face
+        image = to_bgr8(image)
+        faces = self.detect(image)
+        size = int(self.manifest["preprocess"]["size"][0])
+        crops, points = [], []
+        for face in faces:
+            crop, pts, _ = crop_face(image, face.landmarks, size=size, convention=self.convention,
+                                     box=face.box)
+            crops.append(crop)
+            points.append(pts)
+        embeddings = self.embed_crops(crops, points)
+        for face, crop, emb in zip(faces, crops, embeddings):
+            face.embedding = emb
+            if return_crops:
+                face.crop = crop
+        return faces
+
+    def compare(self, a: Face | np.ndarray, b: Face | np.ndarray) -> Comparison:
+        return compare(a, b, self.threshold)
+
+
+class Gallery:
+    """A small 1:N gallery of L2-normalised embeddings, several per identity allowed."""
+
+    def __init__(self, threshold: float = 0.3):
+        self.threshold = threshold
+        self._names: list[str] = []
+        self._embs = np.zeros((0, 0), np.float32)
+
+    def __len__(self) -> int:
+        return len(set(self._names))
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(set(self._names))
+
+    def enroll(self, name: str, faces: Face | np.ndarray | Iterable[Face | np.ndarray]) -> None:
+        if not name:
+            raise InputError("an identity needs a non-empty name")
+        if isinstance(faces, (Face, np.ndarray)):
+            faces = [faces]
+        rows = [_embedding_of(f) for f in faces]
+        if not rows:
+            raise InputError(f"no faces given to enroll for {name!r}")
+        new = np.stack(rows)
+        if self._embs.size and new.shape[1] != self._embs.shape[1]:
+            raise InputError(f"embedding size {new.shape[1]} differs from the gallery's "
+                             f"{self._embs.shape[1]}")
+        self._embs = new if not self._embs.size else np.concatenate([self._embs, new])
+        self._names += [name] * len(rows)
+
+    def remove(self, name: str) -> None:
+        keep = [i for i, n in enumerate(self._names) if n != name]
+        if len(keep) == len(self._names):
+            raise InputError(f"{name!r} is not in the gallery")
+        self._names = [self._names[i] for i in keep]
+        self._embs = self._embs[keep] if keep else np.zeros((0, 0), np.float32)
+
+    def identify(self, face: Face | np.ndarray, k: int = 1) -> list[tuple[str, float, bool]]:
+        """Top-k identities as (name, best cosine, cosine >= threshold), best first."""
+        if not self._names:
+            return []
+        sims = self._embs @ _embedding_of(face)
+        best: dict[str, float] = {}
+        for name, s in zip(self._names, sims):
+            best[name] = max(best.get(name, -1.0), float(s))
+        ranked = sorted(best.items(), key=lambda kv: -kv[1])[:k]
+        return [(n, s, s >= self.threshold) for n, s in ranked]
+
+    def save(self, path: str | os.PathLike) -> None:
+        buf = io.BytesIO()
+        np.savez(buf, names=np.array(self._names, dtype=str), embeddings=self._embs,
+                 threshold=np.float32(self.threshold))
+        atomic_write_bytes(path, buf.getvalue())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Gallery":
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                g = cls(float(data["threshold"]))
+                g._names = [str(n) for n in data["names"]]
+                g._embs = data["embeddings"].astype(np.float32)
+        except FileNotFoundError:
+            raise InputError(f"{path}: no such gallery file") from None
+        except (OSError, KeyError, ValueError) as e:
+            raise InputError(f"{path}: not a kpface gallery ({e})") from None
+        return g
