@@ -97,11 +97,14 @@ class FacePipeline:
     def from_dir(cls, models_dir: str | os.PathLike | None = None, runtime: str = "onnxruntime",
                  precision: str = "fp32", threads: int | None = None,
                  use_keypoints: bool = True, detector_precision: str = "fp32",
-                 convention: str = "aligned") -> "FacePipeline":
+                 convention: str = "aligned", allow_random_keypoints: bool = False
+                 ) -> "FacePipeline":
         """Open ``models_dir/{detector,keypoints,recognizer}``.
 
         ``precision`` applies to the recognizer; the detection stages run at
-        ``detector_precision`` on the same runtime.
+        ``detector_precision`` on the same runtime. A keypoint model exported with random
+        weights would only scramble the alignment, so it is skipped (with a warning) unless
+        ``allow_random_keypoints``; the detector's landmarks are used instead.
         """
         from kpface.runtimes import open_session
 
@@ -118,6 +121,12 @@ class FacePipeline:
         detector = load_detector(root / "detector", runtime=runtime,
                                  precision=detector_precision, threads=threads)
         keypoints = None
+        if use_keypoints and (root / "keypoints").is_dir():
+            kp_source = load_manifest(root / "keypoints", verify=False).get("source", {})
+            if kp_source.get("random_weights") and not allow_random_keypoints:
+                log.warning("keypoint model in %s has random weights; using the detector's "
+                            "landmarks instead", root / "keypoints")
+                use_keypoints = False
         if use_keypoints and (root / "keypoints").is_dir():
             keypoints = load_keypoints(root / "keypoints", runtime=runtime,
                                        precision=detector_precision, threads=threads)

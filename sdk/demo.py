@@ -1,0 +1,125 @@
+"""``kpface demo``: the whole path on a fresh machine, in one command.
+
+1. export the default models into the models directory (MTCNN with the real weights shipped in
+   the facenet-pytorch wheel; the DFA keypoint model and the KP-RPE recognizer with random
+   weights unless ``KPFACE_WEIGHTS`` / ``KPFACE_ALIGNER_WEIGHTS`` point at checkpoints);
+2. build the recognizer for ONNX Runtime (int8) and OpenVINO (fp32, int8), each gated on accuracy;
+3. run the pipeline on scikit-image's astronaut photo and write an annotated PNG;
+4. benchmark and print the table.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+from .errors import EngineUnavailable, KpfaceError
+from .manifest import load_manifest
+
+log = logging.getLogger(__name__)
+
+PUBLISHED_ARCH = "vit_kprpe_base"   # the published CVLface KP-RPE checkpoints
+DEFAULT_ARCH = "vit_kprpe_small"    # random-weight default: same design, faster on a CPU
+BUILDS = (("onnxruntime", "int8"), ("openvino", "fp32"), ("openvino", "int8"))
+
+
+def _existing(model_dir: Path, arch: str, weights: str | None) -> bool:
+    """True when ``model_dir`` already holds a verified export of ``arch`` from ``weights``."""
+    try:
+        m = load_manifest(model_dir)
+    except KpfaceError:
+        return False
+    src = m.get("source", {})
+    same_weights = (src.get("random_weights") and weights is None) or \
+        (weights is not None and src.get("path") == str(weights))
+    return m.get("arch") == arch and bool(same_weights)
+
+
+def _export(task: str, arch: str, out: Path, weights: str | None, say) -> dict:
+    from kpface.export.onnx_export import export_model
+    if _existing(out, arch, weights):
+        say(f"[demo] {task}: reusing {out} ({arch})")
+        return load_manifest(out)
+    say(f"[demo] {task}: exporting {arch} -> {out}")
+    m = export_model(arch, out, weights=weights, task=task, progress=say)
+    if m["source"].get("random_weights"):
+        say(f"[demo] WARNING: the {task} model {arch} has RANDOM weights "
+            f"(set {'KPFACE_WEIGHTS' if task == 'recognizer' else 'KPFACE_ALIGNER_WEIGHTS'} "
+            "to a checkpoint for real ones)")
+    for name, p in m.get("parity", {}).items():
+        for oname, o in p["outputs"].items():
+            say(f"[demo]   parity {name}/{oname}: max abs diff {o['max_abs_diff']:.2e}, "
+                f"cosine {o['cosine']:.7f}")
+    return m
+
+
+def _aligner_weights(recognizer_weights: str | None) -> str | None:
+    if os.environ.get("KPFACE_ALIGNER_WEIGHTS"):
+        return os.environ["KPFACE_ALIGNER_WEIGHTS"]
+    if recognizer_weights:  # CVLface layout: pretrained_model/{model.pt, aligner.pt}
+        sibling = Path(recognizer_weights).with_name("aligner.pt")
+        if sibling.is_file():
+            return str(sibling)
+    return None
+
+
+def run_demo(out_dir: Path, models_dir: str | os.PathLike | None = None, skip_bench: bool = False,
+             progress: Callable[[str], None] | None = None) -> int:
+    import cv2
+
+    from .draw import draw_faces
+    from .pipeline import FacePipeline, default_models_dir
+
+    say = progress or (lambda m: log.info("%s", m))
+    t0 = time.perf_counter()
+    models = Path(models_dir) if models_dir else default_models_dir()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    weights = os.environ.get("KPFACE_WEIGHTS") or None
+    arch = PUBLISHED_ARCH if weights else DEFAULT_ARCH
+
+    _export("detector", "mtcnn", models / "detector", None, say)
+    _export("keypoints", "dfa_mnet025", models / "keypoints", _aligner_weights(weights), say)
+    _export("recognizer", arch, models / "recognizer", weights, say)
+
+    from kpface.runtimes.build import build
+    built = [("onnxruntime", "fp32")]
+    for runtime, precision in BUILDS:
+        say(f"[demo] building recognizer for {runtime} {precision}")
+        try:
+            info = build(models / "recognizer", runtime, precision, progress=say)
+        except EngineUnavailable as e:
+            say(f"[demo] skipped {runtime} {precision}: {e}")
+            continue
+        acc = info.get("accuracy", {})
+        say(f"[demo]   {runtime} {precision}: cosine vs fp32 mean {acc.get('cosine_mean', float('nan')):.5f}"
+            f" min {acc.get('cosine_min', float('nan')):.5f}")
+        built.append((runtime, precision))
+
+    from skimage import data
+    image = cv2.cvtColor(data.astronaut(), cv2.COLOR_RGB2BGR)
+    pipe = FacePipeline.from_dir(models)
+    faces = pipe(image)
+    say(f"[demo] astronaut: {len(faces)} face(s)")
+    for i, f in enumerate(faces):
+        pts = ", ".join(f"({x:.0f},{y:.0f})" for x, y in f.landmarks)
+        say(f"[demo]   face {i}: box {[round(float(v)) for v in f.box]}, score {f.score:.3f}, "
+            f"landmarks {pts}")
+    if faces:
+        mirrored = pipe(image[:, ::-1].copy())
+        if mirrored:
+            c = pipe.compare(faces[0], max(mirrored, key=lambda f: f.score))
+            say(f"[demo]   astronaut vs its mirror image: cosine {c.cosine:.4f}")
+    annotated = out_dir / "astronaut_faces.png"
+    cv2.imwrite(str(annotated), draw_faces(image, faces))
+    say(f"[demo] wrote {annotated}")
+
+    if not skip_bench:
+        from .bench import format_table, run_bench
+        report = run_bench(models, out_dir / "bench", repeats=20, threads=2, progress=say)
+        print(format_table(report))
+        say(f"[demo] bench report: {out_dir / 'bench' / 'report.md'}")
+    say(f"[demo] done in {time.perf_counter() - t0:.0f} s; models in {models}; try: "
+        f"kpface run YOUR_PHOTO.jpg --draw faces.png")
+    return 0
