@@ -1,0 +1,158 @@
+"""FacePipeline on the tiny recognizer with a stand-in detector, checked against an
+independent preparation (scikit-image's similarity estimate + a hand-written normalisation)."""
+import threading
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import onnxruntime as ort
+import pytest
+from skimage import data
+from skimage.transform import SimilarityTransform
+
+from kpface.errors import InputError
+from kpface.landmarks import ARCFACE_TEMPLATE_112
+from kpface.manifest import load_manifest
+from kpface.pipeline import FacePipeline, Gallery, compare
+from kpface.runtimes import open_session
+
+# Astronaut (Eileen Collins) landmarks, measured by eye on skimage.data.astronaut().
+ASTRONAUT_LANDMARKS = np.array([[181, 103], [220, 97], [204, 122], [188, 146], [221, 141]],
+                               np.float32)
+
+
+@dataclass
+class Det:
+    box: np.ndarray
+    score: float
+    landmarks: np.ndarray
+
+
+class FixedDetector:
+    """Returns the measured astronaut face for every image (shifted by `dx`)."""
+
+    def __init__(self, n=1):
+        self.n = n
+
+    def detect(self, image):
+        return [Det(np.array([160, 70, 245, 170], np.float32), 0.99 - 0.1 * i,
+                    ASTRONAUT_LANDMARKS + 3 * i) for i in range(self.n)]
+
+
+@pytest.fixture(scope="module")
+def astronaut():
+    return cv2.cvtColor(data.astronaut(), cv2.COLOR_RGB2BGR)
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_recognizer):
+    m = load_manifest(tiny_recognizer)
+    return FacePipeline(FixedDetector(n=2), open_session(tiny_recognizer, threads=1), m)
+
+
+def reference_embedding(model_dir, image, landmarks):
+    """Independent: skimage's Umeyama + cv2.warpAffine + hand normalisation + raw ORT."""
+    t = SimilarityTransform.from_estimate(landmarks.astype(np.float64),
+                                          ARCFACE_TEMPLATE_112.astype(np.float64))
+    assert t
+    m = t.params[:2]
+    crop = cv2.warpAffine(image, m, (112, 112), flags=cv2.INTER_LINEAR, borderValue=0)
+    pts = landmarks @ m[:, :2].T + m[:, 2]
+    x = (crop[:, :, ::-1].astype(np.float32) / 255.0 - 0.5) / 0.5
+    sess = ort.InferenceSession(str(model_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    emb = sess.run(None, {"image": x.transpose(2, 0, 1)[None].astype(np.float32),
+                          "keypoints": (pts / 112.0)[None].astype(np.float32)})[0][0]
+    return emb / np.linalg.norm(emb)
+
+
+def test_faces_match_independent_preparation(pipe, astronaut, tiny_recognizer):
+    faces = pipe(astronaut, return_crops=True)
+    assert len(faces) == 2
+    f = faces[0]
+    assert f.crop.shape == (112, 112, 3)
+    assert np.linalg.norm(f.embedding) == pytest.approx(1.0, abs=1e-5)
+    want = reference_embedding(tiny_recognizer, astronaut, ASTRONAUT_LANDMARKS)
+    assert float(f.embedding @ want) > 0.9999
+    d = f.to_dict()
+    assert set(d) == {"box", "score", "landmarks", "embedding"} and len(d["embedding"]) == 512
+
+
+def test_all_faces_go_through_one_recognizer_call(tiny_recognizer, astronaut):
+    calls = []
+    sess = open_session(tiny_recognizer, threads=1)
+
+    class Spy:
+        input_names, output_names, provider = sess.input_names, sess.output_names, sess.provider
+
+        def run(self, feeds):
+            calls.append(feeds["image"].shape[0])
+            return sess.run(feeds)
+    p = FacePipeline(FixedDetector(n=3), Spy(), load_manifest(tiny_recognizer))
+    assert len(p(astronaut)) == 3 and calls == [3]
+
+
+def test_threads_give_identical_results(pipe, astronaut):
+    expected = [f.embedding for f in pipe(astronaut)]
+    results, errors = [], []
+
+    def work():
+        try:
+            for _ in range(3):
+                results.append([f.embedding for f in pipe(astronaut)])
+        except Exception as e:  # surfaced below
+            errors.append(e)
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert not errors and len(results) == 12
+    for r in results:
+        for a, b in zip(r, expected):
+            np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_no_faces_is_an_empty_list(tiny_recognizer):
+    class Nobody:
+        def detect(self, image):
+            return []
+    p = FacePipeline(Nobody(), open_session(tiny_recognizer, threads=1), load_manifest(tiny_recognizer))
+    assert p(np.zeros((50, 60, 3), np.uint8)) == []
+
+
+def test_bad_image_is_an_input_error(pipe):
+    with pytest.raises(InputError):
+        pipe(np.zeros((0, 0, 3), np.uint8))
+
+
+def test_compare_threshold_and_symmetry():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=512).astype(np.float32)
+    c = compare(a, a * 3)
+    assert c.cosine == pytest.approx(1.0) and c.same
+    d = compare(a, -a)
+    assert d.cosine == pytest.approx(-1.0) and not d.same
+    b = rng.normal(size=512)
+    assert compare(a, b).cosine == pytest.approx(compare(b, a).cosine)
+    with pytest.raises(InputError, match="different sizes"):
+        compare(a, a[:10])
+
+
+def test_gallery_enroll_identify_remove_save_load(tmp_path):
+    rng = np.random.default_rng(1)
+    alice, bob = rng.normal(size=(2, 512)).astype(np.float32)
+    g = Gallery(threshold=0.5)
+    g.enroll("alice", [alice, alice + 0.1 * rng.normal(size=512)])
+    g.enroll("bob", bob)
+    assert len(g) == 2 and g.names == ["alice", "bob"]
+    top = g.identify(alice + 0.05 * rng.normal(size=512), k=2)
+    assert top[0][0] == "alice" and top[0][2] and top[1][0] == "bob" and not top[1][2]
+    g.save(tmp_path / "g.npz")
+    h = Gallery.load(tmp_path / "g.npz")
+    assert h.names == g.names and h.threshold == 0.5
+    assert h.identify(bob)[0][0] == "bob"
+    h.remove("bob")
+    assert h.names == ["alice"]
+    with pytest.raises(InputError, match="not in the gallery"):
+        h.remove("bob")
+    (tmp_path / "bad.npz").write_bytes(b"nonsense")
+    with pytest.raises(InputError, match="not a kpface gallery"):
+        Gallery.load(tmp_path / "bad.npz")
