@@ -113,3 +113,20 @@ def test_corrupt_checkpoints_give_clear_errors(tmp_path, content):
 def test_missing_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         load_weights(tiny()[1], tmp_path / "nope.pt")
+
+
+def test_published_base_checkpoint_layout_to_the_byte(tmp_path):
+    """The HF model.safetensors of cvlface_adaface_vit_base_kprpe_webface4m is 460,344,344
+    bytes (spec section 2.2, verified from its Git-LFS pointer). Serialising our module with
+    the same `model.net.` prefix and metadata must give exactly that size: any wrong key name,
+    shape, dtype or extra/missing tensor changes it. Then the file loads back strictly."""
+    spec = registry.get("vit_kprpe_base")
+    model = spec.factory()
+    state = {f"model.net.{k}": v.contiguous() for k, v in model.state_dict().items()}
+    assert len(state) == 283
+    path = tmp_path / "model.safetensors"
+    save_file(state, str(path), metadata={"format": "pt"})
+    assert path.stat().st_size == 460_344_344
+    del state
+    info = load_weights(spec.factory(), path, remap=spec.remap_keys, arch=spec.name)
+    assert info["tensors"] == 283 and not info["missing"] and not info["unexpected"]
