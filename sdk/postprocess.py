@@ -1,0 +1,111 @@
+"""Detector post-processing in numpy: anchor priors, box / landmark decoding, NMS.
+
+Torch-free; every constant (min sizes, steps, variances, thresholds) is passed in by the
+caller, which reads it from the model manifest.
+
+Conventions:
+- priors are (cx, cy, w, h) normalised to the network input (x by its width, y by its height),
+  ordered level, row, column, min size (the RetinaFace PriorBox order);
+- boxes are (x1, y1, x2, y2); landmarks are (x, y) pairs;
+- NMS keeps the highest-scoring box of every overlapping group, in descending score order.
+"""
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+from typing import Sequence
+
+import numpy as np
+
+
+def _priors(width: int, height: int, min_sizes: tuple, steps: tuple) -> np.ndarray:
+    rows = []
+    for sizes, step in zip(min_sizes, steps):
+        fh, fw = math.ceil(height / step), math.ceil(width / step)
+        # Centres of the feature-map cells in input pixels, normalised by the input size.
+        cx = (np.arange(fw, dtype=np.float64) + 0.5) * step / width
+        cy = (np.arange(fh, dtype=np.float64) + 0.5) * step / height
+        gy, gx = np.meshgrid(cy, cx, indexing="ij")  # row-major: row i, then column j
+        k = len(sizes)
+        level = np.empty((fh, fw, k, 4), dtype=np.float64)
+        level[..., 0] = gx[..., None]
+        level[..., 1] = gy[..., None]
+        level[..., 2] = np.asarray(sizes, dtype=np.float64) / width
+        level[..., 3] = np.asarray(sizes, dtype=np.float64) / height
+        rows.append(level.reshape(-1, 4))
+    return np.concatenate(rows).astype(np.float32)
+
+
+@lru_cache(maxsize=16)
+def _priors_cached(width: int, height: int, min_sizes: tuple, steps: tuple) -> np.ndarray:
+    out = _priors(width, height, min_sizes, steps)
+    out.flags.writeable = False
+    return out
+
+
+def prior_boxes(width: int, height: int, min_sizes: Sequence[Sequence[int]],
+                steps: Sequence[int]) -> np.ndarray:
+    """Anchors [N, 4] (cx, cy, w, h) for a ``width`` x ``height`` network input (cached, read-only)."""
+    key = tuple(tuple(int(s) for s in level) for level in min_sizes)
+    return _priors_cached(int(width), int(height), key, tuple(int(s) for s in steps))
+
+
+def decode_boxes(loc: np.ndarray, priors: np.ndarray, variances: Sequence[float]) -> np.ndarray:
+    """Regression [N, 4] -> boxes [N, 4] (x1, y1, x2, y2) in the priors' normalised units."""
+    loc = np.asarray(loc, dtype=np.float32)
+    centre = priors[:, :2] + loc[:, :2] * variances[0] * priors[:, 2:]
+    size = priors[:, 2:] * np.exp(loc[:, 2:] * variances[1])
+    x1y1 = centre - size / 2
+    return np.concatenate([x1y1, x1y1 + size], axis=1)
+
+
+def decode_landmarks(pre: np.ndarray, priors: np.ndarray, variances: Sequence[float]) -> np.ndarray:
+    """Regression [N, 2K] -> points [N, K, 2] (x, y) in the priors' normalised units."""
+    pre = np.asarray(pre, dtype=np.float32).reshape(len(priors), -1, 2)
+    return priors[:, None, :2] + pre * variances[0] * priors[:, None, 2:]
+
+
+def box_area(boxes: np.ndarray, offset: float = 0.0) -> np.ndarray:
+    return (np.maximum(boxes[:, 2] - boxes[:, 0] + offset, 0)
+            * np.maximum(boxes[:, 3] - boxes[:, 1] + offset, 0))
+
+
+def box_iou(box: np.ndarray, boxes: np.ndarray, mode: str = "union",
+            offset: float = 0.0) -> np.ndarray:
+    """Overlap of one box [4] with boxes [N, 4]: intersection over union, or over the smaller area
+    (``mode="min"``). ``offset=1`` uses the inclusive-pixel convention (width = x2 - x1 + 1)."""
+    w = np.maximum(np.minimum(box[2], boxes[:, 2]) - np.maximum(box[0], boxes[:, 0]) + offset, 0)
+    h = np.maximum(np.minimum(box[3], boxes[:, 3]) - np.maximum(box[1], boxes[:, 1]) + offset, 0)
+    inter = w * h
+    a = box_area(box[None], offset)[0]
+    b = box_area(boxes, offset)
+    if mode == "min":
+        denom = np.minimum(a, b)
+    elif mode == "union":
+        denom = a + b - inter
+    else:
+        raise ValueError(f"unknown NMS mode {mode!r}; use 'union' or 'min'")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(denom > 0, inter / np.where(denom > 0, denom, 1), 0.0)
+
+
+def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float, mode: str = "union",
+        offset: float = 0.0, max_keep: int | None = None) -> np.ndarray:
+    """Greedy non-maximum suppression. Returns the kept indices, highest score first.
+
+    A box is suppressed when its overlap with a kept box is strictly greater than
+    ``iou_threshold``. Equal scores keep the lower index first (stable sort).
+    """
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    order = np.argsort(-scores, kind="stable")
+    keep: list[int] = []
+    while order.size:
+        i = int(order[0])
+        keep.append(i)
+        if max_keep is not None and len(keep) >= max_keep:
+            break
+        rest = order[1:]
+        overlap = box_iou(boxes[i], boxes[rest], mode=mode, offset=offset)
+        order = rest[overlap <= iou_threshold]
+    return np.asarray(keep, dtype=np.int64)
