@@ -43,7 +43,14 @@ def build_model(arch: str, weights: str | os.PathLike | None = None, strict: boo
     model = spec.factory().eval()
     if weights is None and spec.packaged_weights is not None:
         weights = spec.packaged_weights()
-    if weights is not None:
+    if isinstance(weights, dict):
+        # Packaged weights split over several files: {submodule name: path}.
+        source = {"parts": {name: load_weights(model.get_submodule(name), path,
+                                                remap=spec.remap_keys, strict=strict,
+                                                arch=f"{arch}.{name}")
+                            for name, path in weights.items()},
+                  "random_weights": False}
+    elif weights is not None:
         source = load_weights(model, weights, remap=spec.remap_keys, strict=strict, arch=arch)
         source["random_weights"] = False
     else:

@@ -56,8 +56,9 @@ class ArchSpec:
     manifest: dict[str, Any] = field(default_factory=dict)
     # Maps a raw checkpoint state dict to this module's keys (strips foreign prefixes, ...).
     remap_keys: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
-    # Builds a model with real weights shipped by an installed package, if there is one.
-    packaged_weights: Callable[[], str] | None = None
+    # Path of real weights shipped by an installed package, if there is one; or, for weights
+    # split over several files, {submodule name: path} (each loaded into that submodule).
+    packaged_weights: Callable[[], str | dict[str, str]] | None = None
 
 
 _ARCHS: dict[str, ArchSpec] = {}
