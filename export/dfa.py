@@ -82,25 +82,39 @@ class DFA(RetinaFaceNet):
         priors = prior_boxes(input_size, input_size, DFA_PRIORS["min_sizes"], DFA_PRIORS["steps"])
         # Geometry-only constants: non-persistent buffers (not checkpoint keys), exported as
         # named initializers.
-        self.register_buffer("priors", torch.from_numpy(priors.copy()), persistent=False)
+        priors = torch.from_numpy(priors.copy())
+        self.register_buffer("prior_centres", priors[:, :2].clone(), persistent=False)
+        self.register_buffer("prior_sizes", priors[:, 2:].clone(), persistent=False)
+        # The same, tiled to the (x, y) x 5 landmark layout.
+        self.register_buffer("prior_centres_x5", priors[:, :2].repeat(1, 5), persistent=False)
+        self.register_buffer("prior_sizes_x5", priors[:, 2:].repeat(1, 5), persistent=False)
         tpl = _template() * (output_size / 112.0)
         self.register_buffer("template_mean", tpl.mean(0).float(), persistent=False)
         self.register_buffer("template_centred", (tpl - tpl.mean(0)).float(), persistent=False)
+        self._init_landmark_bias(tpl / output_size)
         lin = torch.linspace(-1, 1, output_size, dtype=torch.float64)  # align_corners=True
         gy, gx = torch.meshgrid(lin, lin, indexing="ij")
         base = torch.stack([gx, gy, torch.ones_like(gx)], dim=-1).reshape(-1, 3)
         self.register_buffer("base_grid", base.float(), persistent=False)
 
+    @torch.no_grad()
+    def _init_landmark_bias(self, shape: torch.Tensor) -> None:
+        """Random-init only (a checkpoint overwrites it): each anchor starts by predicting the
+        template face filling its prior box, so an untrained model's five landmarks are
+        spread like a face and the alignment stays well conditioned (parity checks)."""
+        offsets = ((shape - 0.5) / DFA_PRIORS["variances"][0]).reshape(-1).float()
+        for head in self.LandmarkHead:
+            head.conv1x1.bias.copy_(offsets.repeat(head.conv1x1.out_channels // offsets.numel()))
+
     def decode(self, loc, landms):
-        p_c, p_wh = self.priors[:, :2], self.priors[:, 2:]
+        """Box [B, N, 4] (x1, y1, x2, y2) and landmarks [B, N, 10] in [0, 1] of the input."""
         v0, v1 = DFA_PRIORS["variances"]
-        centre = p_c + loc[..., :2] * v0 * p_wh
-        wh = p_wh * torch.exp(loc[..., 2:] * v1)
+        centre = self.prior_centres + loc[..., :2] * v0 * self.prior_sizes
+        wh = self.prior_sizes * torch.exp(loc[..., 2:] * v1)
         xy1 = centre - wh / 2
         boxes = torch.cat([xy1, xy1 + wh], dim=-1)  # xmax from the updated xmin, as the reference
-        lm = landms.reshape(landms.shape[0], -1, 5, 2)
-        points = p_c[:, None, :] + lm * v0 * p_wh[:, None, :]
-        return boxes, points.reshape(landms.shape[0], -1, 10)
+        points = self.prior_centres_x5 + landms * v0 * self.prior_sizes_x5
+        return boxes, points
 
     def similarity_theta(self, landmarks: torch.Tensor) -> torch.Tensor:
         """Least-squares similarity (input px -> template px) as affine_grid theta [B, 2, 3]."""
@@ -189,9 +203,7 @@ def _manifest() -> dict:
 
 
 def _example_inputs(batch: int, gen: torch.Generator):
-    # Smooth random images (20x20 noise upsampled), like natural images. Pixel-level noise
-    # would turn the float32 rounding of theta into large ``aligned`` differences: random
-    # weights put all five landmarks within a pixel, so the similarity is ill-conditioned.
+    # Smooth random images (20x20 noise upsampled), closer to natural images than pixel noise.
     low = torch.rand(batch, 3, INPUT_SIZE // 8, INPUT_SIZE // 8, generator=gen) * 2 - 1
     img = F.interpolate(low, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False)
     return (img,)

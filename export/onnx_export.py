@@ -135,13 +135,13 @@ def constants_to_initializers(path: Path, module: torch.nn.Module, min_size: int
                 name = bname
                 named.append(bname)
                 break
-        init = numpy_helper.from_array(arr, name)
         if name != node.output[0]:
             for other in g.node:
                 for i, inp in enumerate(other.input):
                     if inp == node.output[0]:
                         other.input[i] = name
-        g.initializer.append(init)
+        if name not in {i.name for i in g.initializer}:  # a buffer used twice is stored once
+            g.initializer.append(numpy_helper.from_array(arr, name))
     del g.node[:]
     g.node.extend(keep)
     onnx.save(model, str(path))
