@@ -63,25 +63,31 @@ def _check_landmark_order(manifest: dict) -> None:
 
 
 class _Normalizer:
-    """BGR uint8 -> float32 NCHW in the manifest's colour order, (x - mean) / std."""
+    """BGR uint8 -> float32 NCHW in the manifest's colour order, (x - mean) / std, where mean
+    and std are given in that colour order."""
 
     def __init__(self, pre: dict):
         color = str(pre.get("color", "")).upper()
         if color not in ("RGB", "BGR"):
             raise ModelError(f"manifest colour order {color!r} is not RGB or BGR; re-export")
-        self.rgb = color == "RGB"
-        self.mean = np.asarray(pre["mean"], dtype=np.float32).reshape(1, 1, 3)
-        self.inv_std = 1.0 / np.asarray(pre["std"], dtype=np.float32).reshape(1, 1, 3)
+        # Model channel c reads image (BGR) channel source[c].
+        self.source = (2, 1, 0) if color == "RGB" else (0, 1, 2)
+        std = np.asarray(pre["std"], dtype=np.float32).reshape(3)
+        self.scale = 1.0 / std
+        self.offset = -np.asarray(pre["mean"], dtype=np.float32).reshape(3) / std
 
-    def hwc(self, image_bgr: np.ndarray) -> np.ndarray:
-        x = image_bgr[..., ::-1] if self.rgb else image_bgr
-        return (x.astype(np.float32) - self.mean) * self.inv_std
-
-    def __call__(self, images_bgr: np.ndarray) -> np.ndarray:
-        """[..., H, W, 3] uint8 -> [B, 3, H, W] float32."""
-        x = self.hwc(images_bgr)
-        x = x[None] if x.ndim == 3 else x
-        return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+    def __call__(self, images_bgr: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """[H, W, 3] or [B, H, W, 3] uint8 -> [B, 3, H, W] float32 (written into ``out``
+        [B, 3, >=H, >=W] at the top-left if given)."""
+        x = images_bgr[None] if images_bgr.ndim == 3 else images_bgr
+        n, h, w = x.shape[:3]
+        if out is None:
+            out = np.empty((n, 3, h, w), dtype=np.float32)
+        for c, src in enumerate(self.source):
+            dst = out[:, c, :h, :w]
+            np.multiply(x[..., src], self.scale[c], out=dst, casting="unsafe")
+            dst += self.offset[c]
+        return out
 
 
 def _open(model_dir, manifest, graph, runtime, precision, threads):
@@ -151,9 +157,9 @@ class RetinaFaceDetector(_Model):
         interp = cv2.INTER_AREA if s < 1 else cv2.INTER_LINEAR
         resized = image_bgr if (nw, nh) == (w, h) else cv2.resize(image_bgr, (nw, nh),
                                                                   interpolation=interp)
-        canvas = np.zeros((self.height, self.width, 3), dtype=np.float32)  # = mean colour
-        canvas[:nh, :nw] = self.norm.hwc(resized)
-        return np.ascontiguousarray(canvas.transpose(2, 0, 1)[None]), (nw / w, nh / h)
+        blob = np.zeros((1, 3, self.height, self.width), dtype=np.float32)  # 0 = mean colour
+        self.norm(resized, out=blob)
+        return blob, (nw / w, nh / h)
 
     def detect(self, image_bgr: np.ndarray) -> list[Detection]:
         image_bgr = _check_image(image_bgr)

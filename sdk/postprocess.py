@@ -98,6 +98,10 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float, mode: str =
     """
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    if mode not in ("union", "min"):
+        raise ValueError(f"unknown NMS mode {mode!r}; use 'union' or 'min'")
+    x1, y1, x2, y2 = boxes.T
+    areas = box_area(boxes, offset)
     order = np.argsort(-scores, kind="stable")
     keep: list[int] = []
     while order.size:
@@ -106,6 +110,11 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float, mode: str =
         if max_keep is not None and len(keep) >= max_keep:
             break
         rest = order[1:]
-        overlap = box_iou(boxes[i], boxes[rest], mode=mode, offset=offset)
+        w = np.maximum(np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest]) + offset, 0)
+        h = np.maximum(np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest]) + offset, 0)
+        inter = w * h
+        denom = (np.minimum(areas[i], areas[rest]) if mode == "min"
+                 else areas[i] + areas[rest] - inter)
+        overlap = np.divide(inter, denom, out=np.zeros_like(inter), where=denom > 0)
         order = rest[overlap <= iou_threshold]
     return np.asarray(keep, dtype=np.int64)
