@@ -71,8 +71,12 @@ def register(spec: ArchSpec) -> ArchSpec:
     return spec
 
 
+_LOADED = False
+
+
 def _load_all() -> None:
-    # Importing an architecture module registers its configurations.
+    # Importing an architecture module registers its configurations (once per process).
+    global _LOADED
     from . import vit  # noqa: F401
     for optional in ("retinaface", "mtcnn", "dfa"):
         try:
@@ -80,10 +84,11 @@ def _load_all() -> None:
         except ModuleNotFoundError as e:  # an architecture file not written yet
             if e.name != f"{__package__}.{optional}":
                 raise
+    _LOADED = True
 
 
 def archs(task: str | None = None) -> dict[str, ArchSpec]:
-    if not _ARCHS:
+    if not _LOADED:  # not `if not _ARCHS`: one architecture imported directly fills it
         _load_all()
     return {k: v for k, v in _ARCHS.items() if task is None or v.task == task}
 
