@@ -38,6 +38,11 @@ class Detection:
     score: float
     landmarks: np.ndarray = field(default_factory=lambda: np.full((5, 2), np.nan, np.float32))
 
+    def __post_init__(self):
+        self.box = np.asarray(self.box, dtype=np.float32).reshape(4)
+        self.score = float(self.score)
+        self.landmarks = np.asarray(self.landmarks, dtype=np.float32).reshape(5, 2)
+
     def to_dict(self) -> dict[str, Any]:
         return {"box": [float(v) for v in self.box], "score": float(self.score),
                 "landmarks": np.asarray(self.landmarks, dtype=float).round(2).tolist()}
@@ -106,7 +111,7 @@ class _Model:
         self.model_dir = model_dir
         self.manifest = manifest if manifest is not None else load_manifest(model_dir,
                                                                              task=self.task)
-        arch = str(self.manifest.get("arch", ""))
+        self.arch = arch = str(self.manifest.get("arch", ""))
         if not arch.startswith(self.arch_prefix):
             raise ModelError(f"{model_dir} holds a {arch!r} model; {type(self).__name__} needs "
                              f"a {self.arch_prefix}* model")
