@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -140,6 +141,7 @@ def packaged_weights() -> dict[str, str]:
                                   "reinstall it: pip install --no-deps --force-reinstall "
                                   "facenet-pytorch==2.6.0")
         paths[net] = str(path)
+    log.info("MTCNN weights from facenet-pytorch %s (%s)", dist.version, Path(paths["pnet"]).parent)
     return paths
 
 

@@ -180,6 +180,8 @@ class RetinaFaceDetector(_Model):
         boxes = decode_boxes(out["loc"][0, idx], pri, self.variances) * np.tile(wh, 2)
         lms = decode_landmarks(out["landms"][0, idx], pri, self.variances) * wh
         keep = nms(boxes, scores[idx], self.nms_iou, max_keep=self.keep_top_k)
+        log.debug("retinaface: %d anchors above %.2f, %d after NMS", idx.size,
+                  self.score_threshold, keep.size)
         # Network pixels -> image pixels (half-pixel-centre resize convention).
         scale = np.array([sx, sy], dtype=np.float32)
         boxes = ((boxes.reshape(-1, 2, 2) + 0.5) / scale - 0.5).reshape(-1, 4)
@@ -317,6 +319,7 @@ class MTCNNDetector(_Model):
         boxes = _regress(boxes, reg, plus_one=True)
         keep = nms(boxes, score, float(self.nms_cfg["onet"]),
                    mode=str(self.nms_cfg.get("onet_mode", "union")))
+        log.debug("mtcnn: %d proposals, %d after R-Net, %d faces", len(cand), len(x), len(keep))
         return [Detection(boxes[i].astype(np.float32), float(score[i]),
                           lms[i].astype(np.float32)) for i in keep]
 

@@ -15,7 +15,7 @@ from kpface.detect import (DFAKeypoints, Detection, MTCNNDetector, RetinaFaceDet
                            load_detector, load_keypoints)
 from kpface.errors import CheckpointError, InputError, ModelError
 from kpface.export import registry
-from kpface.export.checkpoint import load_weights, save_weights
+from kpface.export.checkpoint import load_weights
 from kpface.export.onnx_export import export_model
 from kpface.landmarks import ARCFACE_TEMPLATE_112, LANDMARK_ORDER
 
