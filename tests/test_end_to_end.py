@@ -1,0 +1,83 @@
+"""The whole path on a real photo through the CLI and the examples: MTCNN (real weights) ->
+alignment -> tiny KP-RPE recognizer (random weights)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from test_cli import assert_one_line_error, kpface
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_run_writes_json_and_drawing(models_dir, astronaut_png, tmp_path):
+    code, out, err = kpface("run", astronaut_png, "--models", models_dir,
+                            "--json", tmp_path / "f.json", "--draw", tmp_path / "d.png")
+    assert code == 0, err
+    faces = json.loads((tmp_path / "f.json").read_text())[str(astronaut_png)]
+    assert len(faces) == 1
+    f = faces[0]
+    assert set(f) == {"box", "score", "landmarks", "embedding"}
+    assert len(f["embedding"]) == 512
+    assert abs(np.linalg.norm(f["embedding"]) - 1) < 1e-3
+    (lx, ly), (rx, ry), (nx, ny), (mlx, mly), (mrx, mry) = f["landmarks"]
+    assert lx < rx and mlx < mrx and max(ly, ry) < ny < min(mly, mry)
+    drawn = cv2.imread(str(tmp_path / "d.png"))
+    original = cv2.imread(str(astronaut_png))
+    assert drawn.shape == original.shape and (drawn != original).any()
+
+
+def test_no_face_is_not_an_error(models_dir, tmp_path):
+    cv2.imwrite(str(tmp_path / "grey.png"), np.full((240, 320, 3), 128, np.uint8))
+    code, out, err = kpface("run", tmp_path / "grey.png", "--models", models_dir,
+                            "--json", tmp_path / "f.json")
+    assert code == 0 and "no faces found" in err
+    assert json.loads((tmp_path / "f.json").read_text()) == {str(tmp_path / "grey.png"): []}
+
+
+def test_bad_image_among_good_ones_loses_nothing(models_dir, astronaut_png, tmp_path):
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    code, out, err = kpface("run", astronaut_png, tmp_path / "broken.jpg", "--models", models_dir,
+                            "--json", tmp_path / "f.json")
+    assert code != 0 and "Traceback" not in err and "broken.jpg" in err
+    results = json.loads((tmp_path / "f.json").read_text())
+    assert len(results[str(astronaut_png)]) == 1  # the good image's faces were still written
+
+
+def test_compare_same_photo_and_mirror(models_dir, astronaut_png, tmp_path):
+    mirrored = tmp_path / "mirror.png"
+    cv2.imwrite(str(mirrored), cv2.imread(str(astronaut_png))[:, ::-1])
+    code, out, err = kpface("compare", astronaut_png, astronaut_png, "--models", models_dir)
+    assert code == 0, err
+    assert "cosine 1.0000 -> same person" in out
+    code, out, err = kpface("compare", astronaut_png, mirrored, "--models", models_dir)
+    assert code == 0 and "cosine" in out
+
+
+def test_compare_without_face(models_dir, astronaut_png, tmp_path):
+    cv2.imwrite(str(tmp_path / "grey.png"), np.full((100, 100, 3), 90, np.uint8))
+    code, _, err = kpface("compare", astronaut_png, tmp_path / "grey.png", "--models", models_dir)
+    assert_one_line_error(code, err, "no face found")
+
+
+def test_example_compare_two_photos(models_dir, astronaut_png):
+    p = subprocess.run([sys.executable, str(ROOT / "examples/compare_two_photos.py"),
+                        str(astronaut_png), str(astronaut_png), "--models", str(models_dir)],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert "same person" in p.stdout
+
+
+def test_example_enroll_and_identify(models_dir, astronaut_png, tmp_path):
+    people = tmp_path / "people" / "eileen"
+    people.mkdir(parents=True)
+    (people / "a.png").write_bytes(astronaut_png.read_bytes())
+    p = subprocess.run([sys.executable, str(ROOT / "examples/enroll_and_identify.py"),
+                        str(tmp_path / "people"), str(astronaut_png), "--models", str(models_dir),
+                        "--gallery", str(tmp_path / "g.npz")],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert "enrolled eileen: 1 photo(s)" in p.stdout and ": eileen (cosine 1.000)" in p.stdout
