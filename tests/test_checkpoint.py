@@ -130,3 +130,16 @@ def test_published_base_checkpoint_layout_to_the_byte(tmp_path):
     del state
     info = load_weights(spec.factory(), path, remap=spec.remap_keys, arch=spec.name)
     assert info["tensors"] == 283 and not info["missing"] and not info["unexpected"]
+
+
+def test_published_dfa_checkpoint_layout_to_the_byte(tmp_path):
+    """The DFA aligner's HF model.safetensors (cvlface_DFA_mobilenet) is 2,007,980 bytes with
+    338 `model.net.*` tensors (spec section 3.4); ours serialises to exactly that and loads back."""
+    spec = registry.get("dfa_mnet025")
+    state = {f"model.net.{k}": v.contiguous() for k, v in spec.factory().state_dict().items()}
+    assert len(state) == 338
+    path = tmp_path / "model.safetensors"
+    save_file(state, str(path), metadata={"format": "pt"})
+    assert path.stat().st_size == 2_007_980
+    info = load_weights(spec.factory(), path, remap=spec.remap_keys, arch=spec.name)
+    assert info["tensors"] == 338 and not info["missing"] and not info["unexpected"]
