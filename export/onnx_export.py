@@ -23,6 +23,7 @@ from kpface.manifest import staging_dir, write_manifest
 
 from . import registry
 from .checkpoint import load_weights
+from .checkpoint import save_weights as write_weights
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,7 @@ DEFAULT_OPSET = 17
 # Parity gate (issue 2): max |onnx - torch| <= 1e-4 * max |torch|, and cosine >= 0.99999.
 PARITY_REL_TOL = 1e-4
 PARITY_MIN_COSINE = 0.99999
+TORCH_WEIGHTS = "weights.safetensors"
 
 
 class ParityError(KpfaceError):
@@ -150,9 +152,14 @@ def constants_to_initializers(path: Path, module: torch.nn.Module, min_size: int
 
 def export_model(arch: str, out_dir: str | os.PathLike, weights: str | os.PathLike | None = None,
                  opset: int = DEFAULT_OPSET, strict: bool = True, task: str | None = None,
-                 check: bool = True, progress: Callable[[str], None] | None = None
-                 ) -> dict[str, Any]:
-    """Export ``arch`` into ``out_dir`` (model.onnx + manifest.json); return the manifest."""
+                 check: bool = True, progress: Callable[[str], None] | None = None,
+                 save_weights: bool = False) -> dict[str, Any]:
+    """Export ``arch`` into ``out_dir`` (model.onnx + manifest.json); return the manifest.
+
+    ``save_weights`` also stores the torch weights as ``weights.safetensors`` (listed in the
+    manifest as ``torch_weights``), for engines that convert from torch (Core ML) when the
+    weights are random or the checkpoint may move.
+    """
     import onnx
 
     say = progress or (lambda msg: log.info("%s", msg))
@@ -205,5 +212,10 @@ def export_model(arch: str, out_dir: str | os.PathLike, weights: str | os.PathLi
             "parity": parity,
             "export_seconds": round(time.perf_counter() - t_start, 2),
         }
-        manifest = write_manifest(tmp, manifest, [g["file"] for g in graphs_meta.values()])
+        files = [g["file"] for g in graphs_meta.values()]
+        if save_weights:
+            write_weights(model, tmp / TORCH_WEIGHTS, arch)
+            manifest["torch_weights"] = TORCH_WEIGHTS
+            files.append(TORCH_WEIGHTS)
+        manifest = write_manifest(tmp, manifest, files)
     return manifest
