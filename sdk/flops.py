@@ -1,0 +1,180 @@
+"""Analytic FLOP counts: from an ONNX graph (shape inference) or from a ViT config.
+
+One multiply-add counts as two FLOPs. Only the ops that carry the arithmetic are counted:
+``MatMul``/``Gemm`` (and their quantized forms), ``Conv``/``ConvTranspose`` (and quantized
+forms), ``Einsum`` of two operands. Element-wise ops, softmax and normalisations are left out;
+for a ViT they are well under 1% of the total.
+
+:func:`onnx_flops` needs the ``onnx`` package (part of the ``export`` extra); the SDK itself
+does not, so :func:`vit_flops` counts the same thing from the ``config`` a recognizer's
+manifest records.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import Any, Mapping
+
+log = logging.getLogger(__name__)
+
+MATMUL_OPS = {"MatMul", "MatMulInteger", "QLinearMatMul", "FusedMatMul"}
+GEMM_OPS = {"Gemm"}
+CONV_OPS = {"Conv", "ConvInteger", "QLinearConv"}
+KPRPE_BUCKETS = 49  # 7 x 7 relative-position buckets per head and block
+
+
+def _dims(value_info) -> list[int | None] | None:
+    t = value_info.type
+    if not t.HasField("tensor_type") or not t.tensor_type.HasField("shape"):
+        return None
+    out: list[int | None] = []
+    for d in t.tensor_type.shape.dim:
+        out.append(int(d.dim_value) if d.HasField("dim_value") and d.dim_value > 0 else None)
+    return out
+
+
+def _known(shape) -> bool:
+    return shape is not None and all(isinstance(d, int) for d in shape)
+
+
+def _prod(xs) -> int:
+    return int(math.prod(xs)) if xs else 1
+
+
+def _bind_inputs(model, dims: Mapping[str, int], input_shapes: Mapping[str, list[int]] | None):
+    """Replace named dynamic dims (``batch``, ``height``...) of the graph inputs by values."""
+    init_names = {i.name for i in model.graph.initializer}
+    for inp in model.graph.input:
+        if inp.name in init_names:
+            continue
+        shape = inp.type.tensor_type.shape
+        fixed = (input_shapes or {}).get(inp.name)
+        for i, d in enumerate(shape.dim):
+            if fixed is not None:
+                d.Clear()
+                d.dim_value = int(fixed[i])
+            elif d.HasField("dim_param") and d.dim_param in dims:
+                value = int(dims[d.dim_param])
+                d.Clear()
+                d.dim_value = value
+
+
+def onnx_flops(model_or_path: Any, dims: Mapping[str, int] | None = None,
+               input_shapes: Mapping[str, list[int]] | None = None) -> dict[str, Any]:
+    """FLOPs of one run of an ONNX graph with its dynamic dims bound to ``dims``.
+
+    ``dims`` maps dim names (``{"batch": 8, "height": 480, "width": 640}``) to values;
+    ``input_shapes`` gives full shapes per input instead. Returns ``{"flops": total,
+    "by_op": {op_type: flops}, "nodes": counted, "unknown": [names of nodes whose shapes shape
+    inference could not resolve]}``; with unknown nodes the total is a lower bound.
+    """
+    import onnx
+    from onnx import shape_inference
+
+    if isinstance(model_or_path, (str, os.PathLike)):
+        model = onnx.load(str(model_or_path))
+    else:
+        model = onnx.ModelProto()
+        model.CopyFrom(model_or_path)
+    _bind_inputs(model, dims or {}, input_shapes)
+    try:
+        model = shape_inference.infer_shapes(model, data_prop=True)
+    except Exception as e:  # an op the checker does not know; count what has shapes
+        log.warning("ONNX shape inference failed (%s); FLOP count may be incomplete", e)
+    g = model.graph
+    shapes: dict[str, list[int | None] | None] = {}
+    for vi in list(g.input) + list(g.value_info) + list(g.output):
+        shapes[vi.name] = _dims(vi)
+    for init in g.initializer:
+        shapes[init.name] = [int(d) for d in init.dims]
+
+    total, counted = 0, 0
+    by_op: dict[str, int] = {}
+    unknown: list[str] = []
+
+    def add(node, flops: int) -> None:
+        nonlocal total, counted
+        total += int(flops)
+        counted += 1
+        by_op[node.op_type] = by_op.get(node.op_type, 0) + int(flops)
+
+    for node in g.node:
+        op = node.op_type
+        if op not in MATMUL_OPS | GEMM_OPS | CONV_OPS | {"ConvTranspose", "Einsum"}:
+            continue
+        label = node.name or f"{op}:{node.output[0]}"
+        out = shapes.get(node.output[0])
+        if op in MATMUL_OPS:
+            a = shapes.get(node.input[0])
+            if not (_known(out) and a is not None and isinstance(a[-1], int)):
+                unknown.append(label)
+                continue
+            add(node, 2 * _prod(out) * a[-1])
+        elif op in GEMM_OPS:
+            a = shapes.get(node.input[0])
+            if not (_known(out) and _known(a)):
+                unknown.append(label)
+                continue
+            trans_a = next((at.i for at in node.attribute if at.name == "transA"), 0)
+            k = a[0] if trans_a else a[1]
+            add(node, 2 * _prod(out) * k)
+        elif op in CONV_OPS or op == "ConvTranspose":
+            w_index = 3 if op == "QLinearConv" else 1
+            w = shapes.get(node.input[w_index])
+            x = shapes.get(node.input[0])
+            if not (_known(out) and _known(w) and _known(x)):
+                unknown.append(label)
+                continue
+            if op == "ConvTranspose":
+                # Every input pixel scatters one kernel per output channel.
+                # w [Cin, Cout/groups, *k]
+                add(node, 2 * _prod(x) * w[1] * _prod(w[2:]))
+            else:
+                # out [N, Cout, *S]; w [Cout, Cin/groups, *k]
+                add(node, 2 * _prod(out) * _prod(w[1:]))
+        elif op == "Einsum" and len(node.input) == 2:
+            a, b = shapes.get(node.input[0]), shapes.get(node.input[1])
+            eq = next((at.s.decode() for at in node.attribute if at.name == "equation"), "")
+            if not (_known(a) and _known(b) and "->" in eq):
+                unknown.append(label)
+                continue
+            lhs, rhs = eq.replace(" ", "").split("->")
+            ta, tb = lhs.split(",")
+            if "." in eq:
+                unknown.append(label)
+                continue
+            sizes = dict(zip(ta, a))
+            sizes.update(zip(tb, b))
+            add(node, 2 * _prod(sizes[c] for c in set(ta + tb)))
+    if unknown:
+        log.warning("FLOP count: %d of %d arithmetic nodes have unresolved shapes "
+                    "(total is a lower bound)", len(unknown), len(unknown) + counted)
+    return {"flops": int(total), "by_op": by_op, "nodes": counted, "unknown": unknown,
+            "method": "onnx shape inference"}
+
+
+def vit_flops(config: Mapping[str, Any], batch: int = 1) -> dict[str, Any]:
+    """FLOPs of the face ViT (``kpface.export.vit``) from its manifest ``config``.
+
+    Patch-embedding conv, per block qkv / QK^T / AV / proj / MLP, the feature head's two
+    linears and, with KP-RPE, the keypoint linear; same ops as :func:`onnx_flops` counts.
+    """
+    img, p = int(config["img_size"]), int(config["patch_size"])
+    d, depth = int(config["embed_dim"]), int(config["depth"])
+    hidden = int(int(config["embed_dim"]) * float(config["mlp_ratio"]))
+    out = int(config["output_dim"])
+    n = (img // p) ** 2
+    patch = 2 * n * d * 3 * p * p
+    block = (2 * n * d * 3 * d      # qkv
+             + 2 * n * n * d        # q @ k^T over all heads
+             + 2 * n * n * d        # attn @ v
+             + 2 * n * d * d        # proj
+             + 2 * 2 * n * d * hidden)  # fc1 + fc2
+    head = 2 * n * d * out + 2 * out * out
+    total = patch + depth * block + head
+    if config.get("kprpe"):
+        # keypoint_linear on every patch: [N, 2K] -> [N, 49 * heads * depth] (kpface.export.kprpe).
+        k = int(config.get("num_keypoints", 5))
+        total += 2 * n * 2 * k * KPRPE_BUCKETS * int(config["num_heads"]) * depth
+    return {"flops": int(total * batch), "method": "ViT config"}
