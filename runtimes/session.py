@@ -58,13 +58,23 @@ class OrtSession:
 
 def open_session(model_dir: str | os.PathLike, runtime: str = "onnxruntime",
                  precision: str = "fp32", graph: str = "model", threads: int | None = None,
-                 manifest: dict | None = None) -> Session:
-    """Open ``graph`` of ``model_dir`` on ``runtime`` at ``precision``."""
+                 manifest: dict | None = None, device: str | None = None) -> Session:
+    """Open ``graph`` of ``model_dir`` on ``runtime`` at ``precision``.
+
+    ONNX Runtime at fp32 runs the exported ONNX file itself; every other runtime / precision
+    opens the build made by ``kpface build`` for this device
+    (``model_dir/builds/<runtime>-<precision>-<device key>/``), checked against its build.json.
+    """
     model_dir = Path(model_dir)
     manifest = manifest or load_manifest(model_dir)
     graphs = manifest.get("graphs", {})
     if graph not in graphs:
         raise ModelError(f"{model_dir} has no graph {graph!r} (it has: {', '.join(graphs)})")
     if runtime == "onnxruntime" and precision == "fp32":
-        return OrtSession(model_dir / graphs[graph]["file"], threads=threads)
-    raise EngineUnavailable(f"{runtime} at {precision} is not available yet")
+        if device in (None, "cpu"):
+            return OrtSession(model_dir / graphs[graph]["file"], threads=threads)
+        from .onnxruntime_rt import open_onnx
+        return open_onnx(model_dir / graphs[graph]["file"], threads=threads, device=device)
+    from .build import open_build
+    return open_build(model_dir, runtime, precision, graph=graph, threads=threads,
+                      manifest=manifest, device=device)

@@ -1,0 +1,379 @@
+"""Calibration and held-out data for recognizers, made from real faces.
+
+Quantization statistics and the accuracy gate both need inputs that look like what the
+pipeline feeds the recognizer: aligned 112x112 face crops plus the five keypoints of that crop.
+:func:`recognizer_data` makes them from
+
+* ``skimage.data.lfw_subset()``: its first 100 images are 25x25 grayscale LFW face crops (the
+  last 100 are non-faces and are not used for a recognizer);
+* ``skimage.data.astronaut()`` (RGB) and ``skimage.data.camera()`` (grayscale, made 3-channel);
+* the user's own images (``kpface build --calib FOLDER``).
+
+Where the faces are: when a detector is given (``detect(image_bgr)`` returning, per face, a
+[5, 2] array of landmark pixels, or objects with a ``.landmarks`` attribute, as
+``kpface.detect``'s detectors return), every image goes through it, exactly as in the
+pipeline. Without one, known landmarks are used instead:
+
+* the LFW crops are roughly aligned already: their five points are the ArcFace template
+  (:data:`kpface.landmarks.ARCFACE_TEMPLATE_112`) scaled to the 25x25 crop, then moved by one
+  similarity (x1.043, 0.46 px left, 3.2 px up) fitted once to the eyes, nose and mouth of the
+  mean of the 100 crops, which sit higher in the crop than the template's;
+* the astronaut's five points were measured by hand on the 512x512 image (a few pixels of
+  error, well inside the alignment jitter below);
+* the cameraman is in near profile with one eye hidden by the camera, so without a detector
+  he is left out;
+* a user image without a detector must be an aligned square face crop (template scaled to
+  its size, like the LFW crops); anything else needs a detector.
+
+Every base face is aligned with the pipeline's least-squares similarity to the ArcFace template
+(:func:`kpface.align.estimate_similarity`), then
+augmented (random similarity jitter of the alignment, horizontal flip with the landmark index
+swap 0<->1 and 3<->4, brightness/contrast), deterministically from ``seed``. The split into
+calibration and held-out sets is made by base face, so no held-out crop shares a source face
+with the calibration crops.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import cv2
+import numpy as np
+
+from kpface.align import estimate_similarity, template, transform_points
+from kpface.errors import InputError
+from kpface.landmarks import ARCFACE_TEMPLATE_112
+
+log = logging.getLogger(__name__)
+
+Detect = Callable[[np.ndarray], Sequence[Any]]
+
+# Horizontal flip swaps image-left and image-right points: eyes (0, 1) and mouth corners (3, 4).
+FLIP_ORDER = [1, 0, 2, 4, 3]
+
+# Hand-measured on skimage.data.astronaut() (512x512), (x, y) pixels in landmark order.
+ASTRONAUT_LANDMARKS = np.array([[202.5, 100.0], [247.5, 102.5], [222.5, 126.0],
+                                [205.5, 142.5], [243.8, 142.5]], dtype=np.float32)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+@dataclass
+class Augment:
+    """Ranges of the random augmentation; ``Augment.none()`` turns it off."""
+
+    rotate_deg: float = 6.0
+    scale: float = 0.05          # relative, +-
+    shift: float = 0.03          # fraction of the crop size, +-
+    flip: float = 0.5            # probability
+    brightness: float = 20.0     # added to uint8 pixels, +-
+    contrast: float = 0.15       # relative, +-
+
+    @classmethod
+    def none(cls) -> "Augment":
+        return cls(0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+
+
+@dataclass
+class FaceSet:
+    """Aligned crops ready for the recognizer, and where they came from."""
+
+    images: np.ndarray        # [N, 3, H, W] float32, normalised as the manifest says
+    keypoints: np.ndarray     # [N, 5, 2] float32, (x, y) in [0, 1] of the crop
+    sources: list[str] = field(default_factory=list)  # base face of each crop
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def feeds(self, input_names: Sequence[str], batch: int | None = None) -> Iterable[dict]:
+        """Yield feed dicts of at most ``batch`` crops for a graph with these inputs."""
+        arrays = {"image": self.images, "keypoints": self.keypoints}
+        missing = [n for n in input_names if n not in arrays]
+        if missing:
+            raise InputError(f"face crops cannot feed graph inputs {missing}; "
+                             "calibration data is made for recognizers (image, keypoints)")
+        step = max(1, batch or len(self))
+        for i in range(0, len(self), step):
+            yield {n: arrays[n][i:i + step] for n in input_names}
+
+
+@dataclass
+class RecognizerData:
+    calibration: FaceSet
+    heldout: FaceSet
+    description: dict[str, Any]
+
+
+# --- alignment ---------------------------------------------------------------------------
+# The similarity fit is kpface.align's (the pipeline's own); the warp here adds the jitter.
+
+def _jitter(rng: np.random.Generator, aug: Augment, size: int) -> np.ndarray:
+    """A small random similarity about the crop centre, 2x3."""
+    ang = np.deg2rad(rng.uniform(-aug.rotate_deg, aug.rotate_deg))
+    sc = 1.0 + rng.uniform(-aug.scale, aug.scale)
+    tx, ty = rng.uniform(-aug.shift, aug.shift, size=2) * size
+    c = (size - 1) / 2.0
+    cos, sin = sc * np.cos(ang), sc * np.sin(ang)
+    return np.array([[cos, -sin, c - cos * c + sin * c + tx],
+                     [sin, cos, c - sin * c - cos * c + ty]])
+
+
+def _compose(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """2x3 affine ``a`` after ``b``."""
+    a3 = np.vstack([a, [0, 0, 1]])
+    b3 = np.vstack([b, [0, 0, 1]])
+    return (a3 @ b3)[:2]
+
+
+def align_crop(image_bgr: np.ndarray, landmarks: np.ndarray, size: int = 112,
+               rng: np.random.Generator | None = None, aug: Augment | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Warp a face to the ArcFace template (plus optional augmentation).
+
+    Returns (crop BGR uint8 [size, size, 3], landmarks of the face in crop pixels [5, 2]).
+    """
+    m = estimate_similarity(landmarks, template(size))
+    flip = False
+    if rng is not None and aug is not None:
+        m = _compose(_jitter(rng, aug, size), m)
+        flip = rng.random() < aug.flip
+    crop = cv2.warpAffine(image_bgr, m, (size, size), flags=cv2.INTER_LINEAR,
+                          borderMode=cv2.BORDER_REFLECT)
+    pts = transform_points(landmarks, m)
+    if flip:
+        crop = crop[:, ::-1].copy()
+        pts = pts.copy()
+        pts[:, 0] = size - 1 - pts[:, 0]
+        pts = pts[FLIP_ORDER]
+    if rng is not None and aug is not None and (aug.brightness or aug.contrast):
+        alpha = 1.0 + rng.uniform(-aug.contrast, aug.contrast)
+        beta = rng.uniform(-aug.brightness, aug.brightness)
+        mean = crop.mean()
+        crop = np.clip((crop.astype(np.float32) - mean) * alpha + mean + beta, 0, 255
+                       ).astype(np.uint8)
+    return crop, pts.astype(np.float32)
+
+
+# --- sources -------------------------------------------------------------------------------
+
+def _to_bgr(img: np.ndarray, rgb: bool = True) -> np.ndarray:
+    if img.dtype != np.uint8:
+        img = np.clip(img * 255.0 if img.max() <= 1.0 else img, 0, 255).astype(np.uint8)
+    if img.ndim == 2:
+        return cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)
+    if img.shape[2] == 4:
+        img = img[:, :, :3]
+    return img[:, :, ::-1].copy() if rgb else img
+
+
+def _landmarks_of(found: Any) -> np.ndarray:
+    pts = getattr(found, "landmarks", found)
+    pts = np.asarray(pts, np.float32)
+    if pts.shape != (5, 2):
+        raise InputError(f"the detector returned landmarks of shape {pts.shape}; expected [5, 2]")
+    return pts
+
+
+def template_landmarks(width: int, height: int) -> np.ndarray:
+    """The ArcFace template scaled to an aligned ``width`` x ``height`` face crop."""
+    return ARCFACE_TEMPLATE_112 * np.array([width / 112.0, height / 112.0], np.float32)
+
+
+# Fitted to the mean of lfw_subset()[:100] (25x25): template * scale + shift * size.
+LFW_SUBSET_FIT = (1.043, (-0.018, -0.129))
+
+
+def lfw_subset_landmarks(width: int, height: int) -> np.ndarray:
+    scale, (dx, dy) = LFW_SUBSET_FIT
+    return (template_landmarks(width, height) * scale
+            + np.array([dx * width, dy * height], np.float32)).astype(np.float32)
+
+
+def _read_folder(folder: str | os.PathLike) -> list[tuple[str, np.ndarray]]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"calibration folder {folder} does not exist; pass a folder of images")
+    out = []
+    for p in sorted(folder.rglob("*")):
+        if p.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        img = cv2.imread(str(p), cv2.IMREAD_COLOR)
+        if img is None:
+            log.warning("skipping %s: not a readable image", p)
+            continue
+        out.append((str(p), img))
+    if not out:
+        raise InputError(f"calibration folder {folder} holds no readable images "
+                         f"({', '.join(IMAGE_SUFFIXES)})")
+    return out
+
+
+def base_faces(detect: Detect | None = None, user_images: str | os.PathLike | None = None,
+               use_builtin: bool = True, max_lfw: int = 100
+               ) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """Every source face as (name, image BGR uint8, landmarks [5, 2] pixels)."""
+    faces: list[tuple[str, np.ndarray, np.ndarray]] = []
+
+    def add_scene(name: str, img: np.ndarray, fallback: np.ndarray | None) -> None:
+        if detect is not None:
+            found = list(detect(img))
+            if not found:
+                log.info("calibration: no face detected in %s", name)
+            for i, f in enumerate(found):
+                faces.append((f"{name}#{i}", img, _landmarks_of(f)))
+        elif fallback is not None:
+            faces.append((name, img, fallback))
+
+    if use_builtin:
+        try:
+            import skimage.data as skd
+        except ImportError:
+            raise InputError("built-in calibration faces need scikit-image: "
+                             "pip install scikit-image, or pass --calib FOLDER") from None
+        lfw = skd.lfw_subset()[:max_lfw]  # first 100: faces
+        for i, crop in enumerate(lfw):
+            img = _to_bgr(crop)
+            h, w = img.shape[:2]
+            if detect is not None:
+                # A 25x25 crop is too small for a scene detector: pad it into context first.
+                pad = cv2.copyMakeBorder(cv2.resize(img, (4 * w, 4 * h)), 2 * h, 2 * h, 2 * w,
+                                         2 * w, cv2.BORDER_REPLICATE)
+                found = list(detect(pad))
+                if found:
+                    faces.append((f"lfw_subset[{i}]", pad, _landmarks_of(found[0])))
+                    continue
+            faces.append((f"lfw_subset[{i}]", img, lfw_subset_landmarks(w, h)))
+        add_scene("astronaut", _to_bgr(skd.astronaut()), ASTRONAUT_LANDMARKS)
+        add_scene("camera", _to_bgr(skd.camera()), None)
+    if user_images is not None:
+        for path, img in _read_folder(user_images):
+            name = f"user:{Path(path).name}"
+            h, w = img.shape[:2]
+            if detect is not None:
+                add_scene(name, img, None)
+            elif abs(h - w) <= 2:
+                faces.append((name, img, template_landmarks(w, h)))
+            else:
+                raise InputError(f"{path} is not a square face crop; without a detector "
+                                 "calibration images must be aligned face crops (pass a "
+                                 "detector model to use whole photos)")
+    if not faces:
+        raise InputError("no calibration faces were found; pass --calib FOLDER with face images")
+    return faces
+
+
+def normalise(crops_bgr: np.ndarray, manifest: dict | None = None) -> np.ndarray:
+    """[N, H, W, 3] BGR uint8 -> [N, 3, H, W] float32 as the manifest's ``preprocess`` says."""
+    pre = (manifest or {}).get("preprocess", {})
+    mean = np.asarray(pre.get("mean", [127.5] * 3), np.float32)
+    std = np.asarray(pre.get("std", [127.5] * 3), np.float32)
+    x = crops_bgr[..., ::-1] if pre.get("color", "RGB") == "RGB" else crops_bgr
+    x = (x.astype(np.float32) - mean) / std
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+
+def make_faceset(faces: Sequence[tuple[str, np.ndarray, np.ndarray]], count: int,
+                 rng: np.random.Generator, aug: Augment, manifest: dict | None = None,
+                 size: int = 112) -> FaceSet:
+    """``count`` augmented crops, cycling through ``faces`` in a seeded random order."""
+    if count <= 0:
+        return FaceSet(np.zeros((0, 3, size, size), np.float32), np.zeros((0, 5, 2), np.float32))
+    crops, kps, names = [], [], []
+    order = rng.permutation(len(faces))
+    for j in range(count):
+        name, img, lm = faces[order[j % len(faces)]]
+        crop, pts = align_crop(img, lm, size, rng, aug)
+        crops.append(crop)
+        kps.append(pts / size)
+        names.append(name)
+    return FaceSet(normalise(np.stack(crops), manifest), np.stack(kps).astype(np.float32), names)
+
+
+def _split(faces: list, fraction: float, rng: np.random.Generator) -> tuple[list, list]:
+    """(calibration faces, held-out faces), disjoint unless there is only one face."""
+    if len(faces) < 2:
+        log.warning("only %d calibration face(s): held-out crops share them", len(faces))
+        return faces, faces
+    order = rng.permutation(len(faces))
+    n_held = min(len(faces) - 1, max(1, int(round(len(faces) * fraction))))
+    return [faces[i] for i in order[n_held:]], [faces[i] for i in order[:n_held]]
+
+
+def _source_names(faces: Sequence[tuple[str, Any, Any]]) -> list[str]:
+    """``lfw_subset[3]``, ``camera#0``, ``user:a.jpg`` -> lfw_subset, camera, user."""
+    return sorted({n.split("[")[0].split("#")[0].split(":")[0] for n, _, _ in faces})
+
+
+def recognizer_data(manifest: dict | None = None, n_calib: int = 128, n_heldout: int = 64,
+                    seed: int = 0, detect: Detect | None = None,
+                    user_images: str | os.PathLike | None = None,
+                    heldout_fraction: float = 0.3, augment: Augment | None = None
+                    ) -> RecognizerData:
+    """Calibration and held-out crops from disjoint base faces, deterministic by ``seed``.
+
+    Calibration uses the user's images when given, else the built-in faces. The held-out set
+    is a share of those faces that calibration never sees, plus, when the user gave images,
+    every built-in face: the gate always measures real faces, even if the user's images are
+    poor.
+    """
+    aug = augment or Augment()
+    size = int((manifest or {}).get("preprocess", {}).get("size", [112, 112])[0])
+    user = base_faces(detect, user_images, use_builtin=False) if user_images is not None else []
+    try:
+        builtin = base_faces(detect, None, use_builtin=True)
+    except InputError:
+        if not user:
+            raise
+        builtin = []
+    rng = np.random.default_rng(seed)
+    calib_faces, held_faces = _split(user or builtin, heldout_fraction, rng)
+    if user:
+        held_faces = held_faces + builtin
+    calib = make_faceset(calib_faces, n_calib, rng, aug, manifest, size)
+    held = make_faceset(held_faces, n_heldout, rng, aug, manifest, size)
+    desc = {
+        "kind": "aligned face crops",
+        "sources": _source_names(user + builtin),
+        "calibration_sources": _source_names(calib_faces),
+        "heldout_sources": _source_names(held_faces),
+        "user_images": str(user_images) if user_images is not None else None,
+        "landmarks": "detector" if detect is not None else "known (template / hand-measured)",
+        "calibration_faces": len(calib_faces), "heldout_faces": len(held_faces),
+        "calibration_crops": len(calib), "heldout_crops": len(held), "seed": seed,
+        "augment": dict(vars(aug)),
+    }
+    return RecognizerData(calib, held, desc)
+
+
+# --- other image graphs (detectors, keypoint models) ----------------------------------------
+
+def _spatial(dim: Any, fallback: int) -> int:
+    return dim if isinstance(dim, int) else fallback
+
+
+def image_feeds(manifest: dict, graph: dict, n: int = 6, seed: int = 0,
+                batch: int = 2) -> list[dict[str, np.ndarray]]:
+    """Held-out inputs for a graph with one ``image`` input [B, 3, H, W]: the astronaut, the
+    cameraman and LFW faces, resized to H x W (dynamic sizes: the manifest's preprocess size,
+    else 160) and normalised as the manifest says."""
+    inputs = graph.get("inputs", [])
+    if [i["name"] for i in inputs] != ["image"]:
+        raise InputError(f"no held-out data for a graph with inputs "
+                         f"{[i['name'] for i in inputs]}")
+    shape = inputs[0]["shape"]
+    pre = manifest.get("preprocess", {})
+    size = pre.get("size") or [pre.get("width", 160), pre.get("height", 160)]
+    w, h = _spatial(shape[3], int(size[0])), _spatial(shape[2], int(size[1]))
+    import skimage.data as skd
+    rng = np.random.default_rng(seed)
+    lfw = skd.lfw_subset()[:100]
+    sources = [_to_bgr(skd.astronaut()), _to_bgr(skd.camera())]
+    sources += [_to_bgr(lfw[i]) for i in rng.choice(len(lfw), max(0, n - 2), replace=False)]
+    imgs = np.stack([cv2.resize(im, (w, h), interpolation=cv2.INTER_AREA) for im in sources[:n]])
+    x = normalise(imgs, {"preprocess": {"mean": pre.get("mean", [127.5] * 3),
+                                        "std": pre.get("std", [127.5] * 3),
+                                        "color": pre.get("color", "RGB")}})
+    return [{"image": x[i:i + batch]} for i in range(0, len(x), batch)]

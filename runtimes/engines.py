@@ -1,0 +1,162 @@
+"""The one table of engines. ``kpface build``, ``kpface bench``, the CLI help and the README
+read it; nothing else lists engines, precisions or install commands.
+
+Each row names an adapter module that answers the same four questions, as module-level
+functions:
+
+``available(device=None, purpose="run") -> (bool, reason)``
+    can this engine run (or, ``purpose="build"``, build) here: library importable, device
+    present? ``reason`` is one line that says what is missing and the pip command to install it.
+``device_key(device=None) -> str``
+    the part of ``builds/<runtime>-<precision>-<device key>/`` that says which machines a
+    build is valid on (``cpu``, ``cuda``, ``sm89-trt10.3``, ``apple``, ...).
+``build(onnx_path, out_dir, precision, calibration, manifest, device=None, progress=None)``
+    writes the engine artifact for ``onnx_path`` into ``out_dir`` and returns its description
+    (``{"file": ..., "files": [...], "versions": {...}, ...}``) for ``build.json``.
+``load(build_dir, threads=None, info=None, device=None) -> Session``
+    opens a build; the session's ``run(feeds) -> dict`` takes and returns numpy arrays and its
+    ``provider`` says which device really runs it (a GPU that fell back to CPU is refused or
+    reported, never silent).
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import io
+import logging
+from dataclasses import asdict, dataclass
+from types import ModuleType
+from typing import Iterator
+
+from kpface.errors import EngineUnavailable, InputError
+
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+@dataclass(frozen=True)
+class Engine:
+    name: str                      # the --runtime value
+    title: str
+    suffix: str                    # the artifact's file suffix
+    module: str                    # the python module the engine needs at run time
+    adapter: str                   # kpface module that builds / loads / runs it
+    precisions: tuple[str, ...]
+    devices: tuple[str, ...]       # the first is the default
+    builds_from: str               # what the build starts from and what does the work
+    install: str                   # one pip command
+    notes: str = ""
+
+    def load_adapter(self) -> ModuleType:
+        return importlib.import_module(self.adapter)
+
+    def available(self, device: str | None = None, purpose: str = "run") -> tuple[bool, str]:
+        """Can this engine run (``purpose="run"``) or build (``"build"``) here?"""
+        try:
+            adapter = self.load_adapter()
+        except ImportError as e:  # the adapter itself needs something missing
+            return False, f"{self.name} adapter cannot be imported ({e}): {self.install}"
+        return adapter.available(device, purpose=purpose)
+
+    def require(self, device: str | None = None, purpose: str = "run") -> ModuleType:
+        """The adapter module, or :class:`EngineUnavailable` saying how to get the engine."""
+        adapter = self.load_adapter()
+        ok, reason = adapter.available(device, purpose=purpose)
+        if not ok:
+            raise EngineUnavailable(reason)
+        return adapter
+
+    def check_precision(self, precision: str) -> None:
+        if precision not in self.precisions:
+            raise InputError(f"{self.name} has no {precision} build; choose one of: "
+                             + ", ".join(self.precisions))
+
+    def row(self) -> dict:
+        return asdict(self)
+
+
+ENGINES: tuple[Engine, ...] = (
+    Engine("onnxruntime", "ONNX Runtime", ".onnx", "onnxruntime", "kpface.runtimes.onnxruntime_rt",
+           ("fp32", "fp16", "int8"), ("cpu", "cuda"),
+           "ONNX: float16 pass (fp32 I/O, LayerNorm/Softmax fp32) or static QDQ int8 "
+           "(onnxruntime.quantization)",
+           "pip install onnxruntime  (CUDA: pip install onnxruntime-gpu)",
+           "the fp32 model.onnx needs no build"),
+    Engine("openvino", "OpenVINO", ".xml", "openvino", "kpface.runtimes.openvino_rt",
+           ("fp32", "fp16", "int8"), ("cpu", "gpu", "npu"),
+           "ONNX -> IR (openvino.convert_model); fp16 weight compression; int8 with nncf.quantize",
+           "pip install 'kpface[openvino]'  (openvino nncf)"),
+    Engine("tensorrt", "TensorRT", ".engine", "tensorrt", "kpface.runtimes.tensorrt_rt",
+           ("fp32", "fp16", "int8"), ("cuda",),
+           "ONNX -> serialized engine (TensorRT builder, dynamic batch profile, entropy "
+           "calibrator for int8)",
+           "pip install 'kpface[tensorrt]'  (tensorrt cuda-python; needs an NVIDIA GPU)",
+           "an engine runs only on the GPU model and TensorRT version it was built with"),
+    Engine("coreml", "Core ML", ".mlpackage", "coremltools", "kpface.runtimes.coreml_rt",
+           ("fp32", "fp16", "int8"), ("apple",),
+           "torch model (arch + weights from the manifest) -> mlprogram (coremltools.convert); "
+           "int8 weights with coremltools.optimize",
+           "pip install 'kpface[coreml]'  (coremltools; prediction needs macOS)",
+           "converts on Linux, predicts only on macOS"),
+)
+
+_BY_NAME = {e.name: e for e in ENGINES}
+
+
+def engine_names() -> list[str]:
+    return [e.name for e in ENGINES]
+
+
+def get_engine(name: str) -> Engine:
+    try:
+        return _BY_NAME[name]
+    except KeyError:
+        raise InputError(f"unknown runtime {name!r}; choose one of: "
+                         + ", ".join(engine_names())) from None
+
+
+def availability(device: str | None = None) -> dict[str, tuple[bool, str]]:
+    """``{engine: (available, reason)}`` for every engine, on its default device."""
+    return {e.name: e.available(device) for e in ENGINES}
+
+
+def markdown_table(check: bool = False) -> str:
+    """The table as Markdown, for the README (``check`` adds an 'here' column)."""
+    head = ["runtime", "file", "precisions", "devices", "built from", "install"]
+    if check:
+        head.append("here")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for e in ENGINES:
+        cells = [f"`{e.name}`", f"`{e.suffix}`", ", ".join(e.precisions), ", ".join(e.devices),
+                 e.builds_from, f"`{e.install.split('  (')[0]}`"]
+        if check:
+            ok, why = e.available()
+            cells.append("yes" if ok else f"no: {why}")
+        lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def help_text() -> str:
+    """One line per engine, for CLI ``--help``."""
+    return "\n".join(f"{e.name:12s} {'/'.join(e.precisions):15s} {','.join(e.devices):12s} "
+                     f"{e.builds_from.split(':')[0].split(' (')[0]}" for e in ENGINES)
+
+
+def engine_table(check: bool = True) -> str:
+    """What ``kpface engines`` prints: the table, with whether each engine runs here."""
+    return markdown_table(check=check)
+
+
+@contextlib.contextmanager
+def quiet(*loggers: str) -> Iterator[None]:
+    """Silence an engine library that prints (progress bars, banners) or logs at INFO: library
+    code must not print. What it writes to stdout/stderr is dropped; its loggers are raised to
+    WARNING for the duration."""
+    saved = [(logging.getLogger(n), logging.getLogger(n).level) for n in loggers]
+    for lg, _ in saved:
+        lg.setLevel(logging.WARNING)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        for lg, level in saved:
+            lg.setLevel(level)

@@ -1,0 +1,267 @@
+"""ONNX Runtime adapter: fp32, fp16 (fp32 inputs/outputs) and static int8 (QDQ).
+
+* fp32: the exported ONNX file itself (copied into the build so the build is self-contained).
+* fp16: ``onnxruntime.transformers.float16.convert_float_to_float16`` with ``keep_io_types``;
+  LayerNormalization, Softmax and BatchNormalization (and ORT's default block list) stay fp32.
+* int8: ``onnxruntime.quantization.quantize_static`` in QDQ format, uint8 activations and
+  per-channel symmetric int8 weights, calibrated on face crops. Only Conv / MatMul / Gemm with a
+  constant weight are quantized, so LayerNorm, Softmax, the residual Adds and the attention
+  products (q.k, attn.v) stay float; the KP-RPE path (every node that depends on the keypoints
+  but not on the image: relative keypoints, keypoint linear, table gather) stays float too.
+
+Sessions report the execution provider that really runs the graph; asking for CUDA and
+getting CPU raises :class:`EngineUnavailable` instead of running slowly in silence.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from kpface.errors import EngineUnavailable, InputError
+
+from .session import OrtSession
+
+log = logging.getLogger(__name__)
+
+INSTALL = "pip install onnxruntime"
+INSTALL_GPU = "pip install onnxruntime-gpu"
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+FP16_KEEP_FP32 = ["LayerNormalization", "Softmax", "BatchNormalization"]
+INT8_OP_TYPES = ["Conv", "MatMul", "Gemm"]
+
+
+def _device(device: str | None) -> str:
+    dev = (device or "cpu").lower().split(":")[0]
+    if dev not in PROVIDERS:
+        raise InputError(f"onnxruntime runs on {', '.join(PROVIDERS)}, not {device!r}")
+    return dev
+
+
+def available(device: str | None = None, purpose: str = "run") -> tuple[bool, str]:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return False, f"onnxruntime is not installed: {INSTALL}"
+    dev = _device(device)
+    have = ort.get_available_providers()
+    if PROVIDERS[dev] not in have:
+        return False, (f"onnxruntime {ort.__version__} has no {PROVIDERS[dev]} here (it has "
+                       f"{', '.join(have)}): {INSTALL_GPU} and install CUDA/cuDNN")
+    return True, f"onnxruntime {ort.__version__} ({PROVIDERS[dev]})"
+
+
+def device_key(device: str | None = None) -> str:
+    return _device(device)
+
+
+def versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime as ort
+    return {"onnxruntime": ort.__version__, "onnx": onnx.__version__}
+
+
+# --- sessions ------------------------------------------------------------------------------
+
+def open_onnx(path: str | os.PathLike, threads: int | None = None,
+              device: str | None = None) -> OrtSession:
+    """An :class:`OrtSession` on ``device``; a CUDA request that lands on CPU is refused."""
+    dev = _device(device)
+    if dev == "cpu":
+        return OrtSession(path, threads=threads)
+    ok, why = available(dev)
+    if not ok:
+        raise EngineUnavailable(why)
+    provider = device.split(":")[1] if ":" in (device or "") else "0"
+    sess = OrtSession(path, threads=threads, providers=[
+        (PROVIDERS[dev], {"device_id": int(provider)}), "CPUExecutionProvider"])
+    if sess.provider != PROVIDERS[dev]:
+        raise EngineUnavailable(
+            f"onnxruntime fell back to {sess.provider} although {PROVIDERS[dev]} was asked "
+            f"for (CUDA/cuDNN libraries missing or mismatched?); fix the CUDA install or "
+            f"use --device cpu")
+    return sess
+
+
+def load(build_dir: str | os.PathLike, threads: int | None = None, info: dict | None = None,
+         device: str | None = None) -> OrtSession:
+    build_dir = Path(build_dir)
+    fname = (info or {}).get("file", "model.onnx")
+    sess = open_onnx(build_dir / fname, threads=threads, device=device)
+    log.info("onnxruntime session on %s runs on %s", build_dir / fname, sess.provider)
+    return sess
+
+
+# --- build ---------------------------------------------------------------------------------
+
+def build(onnx_path: str | os.PathLike, out_dir: str | os.PathLike, precision: str,
+          calibration: Any = None, manifest: dict | None = None, device: str | None = None,
+          progress: Callable[[str], None] | None = None, options: dict | None = None,
+          name: str = "model") -> dict[str, Any]:
+    """Write ``<name>.onnx`` at ``precision`` into ``out_dir``; return its description."""
+    say = progress or (lambda m: log.info("%s", m))
+    onnx_path, out_dir = Path(onnx_path), Path(out_dir)
+    out = out_dir / f"{name}.onnx"
+    t0 = time.perf_counter()
+    info: dict[str, Any] = {"file": out.name, "files": [out.name], "versions": versions()}
+    if precision == "fp32":
+        shutil.copyfile(onnx_path, out)
+        info["method"] = "the exported fp32 ONNX graph"
+    elif precision == "fp16":
+        say("converting to fp16 (fp32 inputs/outputs; LayerNorm/Softmax/BatchNorm kept fp32)")
+        info.update(convert_fp16(onnx_path, out))
+    elif precision == "int8":
+        if calibration is None:
+            raise InputError("an int8 build needs calibration data")
+        say(f"quantizing to int8 (static QDQ, {len(calibration)} calibration crops)")
+        info.update(quantize_int8(onnx_path, out, calibration, options or {}))
+    else:
+        raise InputError(f"onnxruntime has no {precision} build; choose fp32, fp16 or int8")
+    info["seconds"] = round(time.perf_counter() - t0, 2)
+    return info
+
+
+def convert_fp16(src: Path, dst: Path) -> dict[str, Any]:
+    import onnx
+    try:
+        from onnxruntime.transformers.float16 import (DEFAULT_OP_BLOCK_LIST,
+                                                      convert_float_to_float16)
+    except ImportError:
+        raise EngineUnavailable("this onnxruntime wheel lacks onnxruntime.transformers.float16; "
+                                "pip install -U onnxruntime") from None
+    block = sorted(set(DEFAULT_OP_BLOCK_LIST) | set(FP16_KEEP_FP32))
+    model = onnx.load(str(src))
+    model16 = convert_float_to_float16(model, keep_io_types=True, op_block_list=block)
+    onnx.save(model16, str(dst))
+    return {"method": "onnxruntime.transformers.float16.convert_float_to_float16",
+            "keep_io_types": True, "fp32_op_types": FP16_KEEP_FP32}
+
+
+def float_only_path(model, source: str = "keypoints", other: str = "image") -> list[str]:
+    """Names of the nodes that depend on input ``source`` but not on ``other``.
+
+    For a KP-RPE graph that is the keypoint path: relative keypoints, keypoint linear, and the
+    gathers that build each block's bias table, which int8 would coarsen for every block at once.
+    """
+    produced_by: dict[str, Any] = {}
+    for node in model.graph.node:
+        for o in node.output:
+            produced_by[o] = node
+    memo: dict[str, frozenset] = {}
+
+    def deps(tensor: str) -> frozenset:
+        if tensor in memo:
+            return memo[tensor]
+        memo[tensor] = frozenset()
+        node = produced_by.get(tensor)
+        if node is None:
+            result = frozenset([tensor]) if tensor in (source, other) else frozenset()
+        else:
+            acc: set[str] = set()
+            for i in node.input:
+                if i:
+                    acc |= deps(i)
+            result = frozenset(acc)
+        memo[tensor] = result
+        return result
+
+    names = []
+    for node in model.graph.node:
+        d: set[str] = set()
+        for i in node.input:
+            if i:
+                d |= deps(i)
+        if source in d and other not in d:
+            names.append(node.name)
+    return names
+
+
+def activation_matmuls(model) -> list[str]:
+    """MatMul nodes whose both operands are activations (attention q.k and attn.v)."""
+    consts = {i.name for i in model.graph.initializer}
+    consts |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    return [n.name for n in model.graph.node
+            if n.op_type == "MatMul" and not any(i in consts for i in n.input)]
+
+
+class _Reader:
+    """``CalibrationDataReader`` over a :class:`~kpface.runtimes.calibration.FaceSet`."""
+
+    def __init__(self, faces, input_names: Sequence[str], batch: int = 8):
+        self._faces, self._names, self._batch = faces, list(input_names), batch
+        self.rewind()
+
+    def get_next(self):
+        return next(self._it, None)
+
+    def rewind(self):
+        self._it = iter(self._faces.feeds(self._names, self._batch))
+
+
+def quantize_int8(src: Path, dst: Path, calibration, options: dict) -> dict[str, Any]:
+    """Static QDQ int8 of ``src`` into ``dst``. ``options`` overrides the defaults:
+
+    ``method`` (minmax | entropy | percentile), ``per_channel`` (True), ``activation``
+    (uint8 | int8), ``exclude`` (extra node names), ``keep_kprpe_float`` (True),
+    ``quantize_attention`` (False: q.k and attn.v MatMuls stay float), ``preprocess`` (True).
+    """
+    import onnx
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod,
+                                          QuantFormat, QuantType, quantize_static)
+
+    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+               "percentile": CalibrationMethod.Percentile}
+    method = options.get("method", "minmax")
+    if method not in methods:
+        raise InputError(f"unknown calibration method {method!r}; choose {', '.join(methods)}")
+    model = onnx.load(str(src))
+    input_names = [i.name for i in model.graph.input]
+    op_type = {n.name: n.op_type for n in model.graph.node}
+    exclude = list(options.get("exclude", []))
+    kprpe_nodes: list[str] = []
+    if options.get("keep_kprpe_float", True) and {"image", "keypoints"} <= set(input_names):
+        kprpe_nodes = float_only_path(model)
+        exclude += kprpe_nodes
+    attention = [] if options.get("quantize_attention", False) else activation_matmuls(model)
+    exclude += attention
+    del model
+
+    Reader = type("FaceCalibrationReader", (_Reader, CalibrationDataReader), {})
+    act = QuantType.QUInt8 if options.get("activation", "uint8") == "uint8" else QuantType.QInt8
+    with tempfile.TemporaryDirectory(prefix="kpface-ort-q-") as work:
+        source = src
+        if options.get("preprocess", True):
+            from onnxruntime.quantization.shape_inference import quant_pre_process
+            pre = Path(work) / "pre.onnx"
+            try:
+                quant_pre_process(str(src), str(pre))
+                source = pre
+            except Exception as e:  # symbolic shape inference is best effort
+                log.warning("quantization pre-processing skipped (%s: %s)", type(e).__name__,
+                            str(e).splitlines()[0][:160] if str(e) else "")
+        quantize_static(
+            str(source), str(dst), Reader(calibration, input_names),
+            quant_format=QuantFormat.QDQ, op_types_to_quantize=INT8_OP_TYPES,
+            per_channel=bool(options.get("per_channel", True)), reduce_range=False,
+            activation_type=act, weight_type=QuantType.QInt8, nodes_to_exclude=exclude,
+            calibrate_method=methods[method],
+            extra_options={"ActivationSymmetric": act == QuantType.QInt8,
+                           "WeightSymmetric": True,
+                           "OpTypesToExcludeOutputQuantization":
+                               [] if options.get("quantize_outputs", False) else INT8_OP_TYPES})
+    q = onnx.load(str(dst))
+    n_q = sum(1 for n in q.graph.node if n.op_type == "QuantizeLinear")
+    n_dq = sum(1 for n in q.graph.node if n.op_type == "DequantizeLinear")
+    return {"method": "onnxruntime.quantization.quantize_static", "format": "QDQ",
+            "activations": "uint8 asymmetric" if act == QuantType.QUInt8 else "int8 symmetric",
+            "weights": "int8 symmetric " + ("per-channel" if options.get("per_channel", True)
+                                            else "per-tensor"),
+            "calibration_method": method, "op_types": INT8_OP_TYPES,
+            "attention_products": "int8" if options.get("quantize_attention") else "float",
+            "float_nodes_kprpe": len(kprpe_nodes),
+            "float_matmuls": sorted(n for n in set(exclude) if op_type.get(n) in INT8_OP_TYPES),
+            "quantize_linear_nodes": n_q, "dequantize_linear_nodes": n_dq}
