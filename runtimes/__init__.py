@@ -1,7 +1,8 @@
 """Runtime adapters: one per engine, driven by one table (:data:`ENGINES`).
 
 The SDK only calls :func:`open_session`, which returns an object with
-``run(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]``; :func:`kpface.runtimes.build.build` makes the engine
+``run(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]``;
+:func:`kpface.runtimes.build.build` makes the engine
 artifacts it opens (``MODEL_DIR/builds/<runtime>-<precision>-<device key>/``).
 """
 from .engines import ENGINES, get_engine  # noqa: F401

@@ -243,7 +243,7 @@ def base_faces(detect: Detect | None = None, user_images: str | os.PathLike | No
                                          2 * w, cv2.BORDER_REPLICATE)
                 found = list(detect(pad))
                 if found:
-                    faces.append((f"lfw_subset[{i}]", pad, _landmarks_of(found[0])))
+                    faces.append((f"lfw_subset[{i}]#0", pad, _landmarks_of(found[0])))
                     continue
             faces.append((f"lfw_subset[{i}]", img, lfw_subset_landmarks(w, h)))
         add_scene("astronaut", _to_bgr(skd.astronaut()), ASTRONAUT_LANDMARKS)
@@ -340,7 +340,8 @@ def recognizer_data(manifest: dict | None = None, n_calib: int = 128, n_heldout:
         "calibration_sources": _source_names(calib_faces),
         "heldout_sources": _source_names(held_faces),
         "user_images": str(user_images) if user_images is not None else None,
-        "landmarks": "detector" if detect is not None else "known (template / hand-measured)",
+        "landmarks": (f"detector ({sum('#' in n for n, _, _ in user + builtin)} faces), "
+                      if detect is not None else "") + "known (template / hand-measured)",
         "calibration_faces": len(calib_faces), "heldout_faces": len(held_faces),
         "calibration_crops": len(calib), "heldout_crops": len(held), "seed": seed,
         "augment": dict(vars(aug)),

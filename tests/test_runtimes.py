@@ -268,3 +268,34 @@ def test_small_int8_onnxruntime(tmp_path):
     info = build(tmp_path / "small", "onnxruntime", "int8", detector=None, n_calib=64,
                  n_heldout=32, threads=2)
     assert info["accuracy"]["passed"]
+
+
+# --- detectors (fp32 / fp16, every graph) --------------------------------------------------
+
+def test_detector_build_every_graph(models_dir, tmp_path):
+    det_dir = tmp_path / "detector"
+    shutil.copytree(models_dir / "detector", det_dir, ignore=shutil.ignore_patterns("builds"))
+    info = build(det_dir, "onnxruntime", "fp16", threads=2)
+    assert set(info["graphs"]) == {"pnet", "rnet", "onet"}
+    assert set(info["accuracy"]["graphs"]) == {"pnet", "rnet", "onet"}
+    assert info["accuracy"]["passed"] and info["accuracy"]["min"] >= 0.999
+    from kpface.detect import load_detector
+    import cv2
+    from skimage import data
+    img = cv2.cvtColor(data.astronaut(), cv2.COLOR_RGB2BGR)
+    ref = load_detector(det_dir).detect(img)
+    got = load_detector(det_dir, precision="fp16").detect(img)
+    assert len(got) == len(ref) == 1
+    np.testing.assert_allclose(got[0].box, ref[0].box, atol=1.0)
+    with pytest.raises(InputError, match="recognizers only"):
+        build(det_dir, "onnxruntime", "int8")
+
+
+def test_calibration_faces_come_from_the_pipeline_detector(models_dir, tmp_path):
+    """In a models directory, the recognizer's int8 calibration uses detector/ to find faces."""
+    root = tmp_path / "models"
+    for stage in ("detector", "recognizer"):
+        shutil.copytree(models_dir / stage, root / stage, ignore=shutil.ignore_patterns("builds"))
+    info = build(root / "recognizer", "onnxruntime", "int8", n_calib=16, n_heldout=8, threads=2)
+    assert info["calibration"]["landmarks"].startswith("detector (")
+    assert info["accuracy"]["passed"]
