@@ -166,8 +166,12 @@ def machine_info() -> dict[str, Any]:
 # Engines and builds
 # =============================================================================================
 
-def _engine_table() -> dict[str, dict[str, Any]]:
-    """``{runtime: {available, reason, module, device_key}}`` for every known engine."""
+def _engine_table(only: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
+    """``{runtime: {available, reason, module, device_key}}`` for every known engine.
+
+    With ``only``, engines outside it (and outside the reference, ONNX Runtime) are listed
+    without asking their adapters, which may import heavy libraries.
+    """
     out: dict[str, dict[str, Any]] = {}
     try:
         from kpface.runtimes.engines import ENGINES
@@ -180,6 +184,10 @@ def _engine_table() -> dict[str, dict[str, Any]]:
                          "reason": module if ok else f"{module} is not installed: {install}"}
         return out
     for e in ENGINES:
+        if only is not None and e.name not in only and e.name != REFERENCE[0]:
+            out[e.name] = {"available": None, "reason": "not requested", "module": e.module,
+                           "device_key": None}
+            continue
         try:
             ok, why = e.available()
         except ModuleNotFoundError as exc:
@@ -1240,9 +1248,9 @@ def run_bench(models_dir: str | os.PathLike, out_dir: str | os.PathLike,
     say = bench.say
     t_start = time.perf_counter()
     machine = machine_info()
-    engines = _engine_table()
+    engines = _engine_table(bench.runtimes)
     for name, e in engines.items():
-        if not e["available"] and (bench.runtimes is None or name in bench.runtimes):
+        if e["available"] is False and (bench.runtimes is None or name in bench.runtimes):
             if not any(s["runtime"] == name and s["stage"] == "*" for s in bench.skipped):
                 bench.skipped.append({"stage": "*", "runtime": name, "precision": None,
                                       "reason": e["reason"]})
@@ -1294,6 +1302,13 @@ def run_bench(models_dir: str | os.PathLike, out_dir: str | os.PathLike,
     ratios = _ratios(bench, rows, ctx)
     machine["load_average_end"] = ([round(x, 2) for x in os.getloadavg()]
                                    if hasattr(os, "getloadavg") else None)
+    noisy = [r["id"] for r in rows if r["status"] == "ok" and r["latency_ms"]["repeats"] >= 10
+             and r["latency_ms"]["p99"] > 2 * r["latency_ms"]["p50"]]
+    if noisy:
+        bench.notes.append(
+            f"{len(noisy)} configuration(s) have p99 > 2 x p50 ({', '.join(noisy)}): other work "
+            f"competed for the CPU (load average {machine.get('load_average_start')} at the "
+            f"start, {machine.get('load_average_end')} at the end). Every ratio uses medians.")
     if any(m.get("random_weights") for m in bench.models.values()):
         bench.notes.append("Models marked random_weights have no trained weights: latency and "
                            "memory are representative, detections and accuracy figures are not.")
@@ -1499,8 +1514,8 @@ def _chart(report: dict) -> bytes | None:
     rows = [r for r in report["results"] if r.get("status") == "ok"]
     if not rows:
         return None
-    labels = [f"{r['stage']} {r['model']} {r['runtime']} {r['precision']} b{r['batch']}"
-              for r in rows]
+    labels = [f"{r['stage']} {r.get('arch') or r['model']} {r['runtime']} {r['precision']} "
+              f"b{r['batch']}" for r in rows]
     p50 = np.array([r["latency_ms"]["p50"] for r in rows])
     p90 = np.array([r["latency_ms"]["p90"] for r in rows])
     colours = {"detect": "tab:blue", "keypoints": "tab:green", "embed": "tab:orange",
@@ -1517,8 +1532,8 @@ def _chart(report: dict) -> bytes | None:
     s = report["settings"]
     ax.set_title(f"kpface bench - {report['machine']['cpu_model']}, {s['threads']} threads",
                  fontsize=9)
-    for yi, v in zip(y, p50):
-        ax.text(v, yi, f" {v:.1f}", va="center", fontsize=7)
+    for yi, v, w in zip(y, p50, p90):
+        ax.text(max(v, w), yi, f"  {v:.1f}", va="center", fontsize=7)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
