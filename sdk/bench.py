@@ -817,7 +817,7 @@ class _Bench:
         else:
             size = None
         return {"id": cid, "stage": stage, "model": label,
-                "arch": (manifest or {}).get("arch", extra.pop("arch", None)),
+                "arch": (manifest or {}).get("arch"),
                 "model_dir": str(model_dir) if model_dir else None, "runtime": rt,
                 "precision": prec, "batch": batch, "kind": kind, "threads": self.threads,
                 "repeats": self.repeats, "warmup": self.warmup, "size_bytes": size,
@@ -1019,8 +1019,11 @@ class _Bench:
                 kprpe_arch = str(plain_man.get("arch", "")).replace("vit_", "vit_kprpe_", 1)
             else:
                 kprpe_arch, plain_arch = OVERHEAD_PAIR
-                plain_dir = root / plain_arch
-                plain_man = self._ensure(plain_arch, plain_dir)
+                if rec_man is not None and rec_man.get("arch") == plain_arch:
+                    plain_dir, plain_man = rec_dir, rec_man  # the recognizer is the baseline
+                else:
+                    plain_dir = root / plain_arch
+                    plain_man = self._ensure(plain_arch, plain_dir)
             if plain_man.get("config", {}).get("kprpe"):
                 raise _Skip(f"{plain_dir} is a KP-RPE model ({plain_man.get('arch')}), not a "
                             "plain ViT baseline")
@@ -1033,7 +1036,8 @@ class _Bench:
                 if not _same_vit(man, plain_man):
                     raise _Skip(f"{d} and {plain_dir} differ in more than KP-RPE")
                 kprpe = (f"baselines/{kprpe_arch}", d, man)
-            plain_label = f"baselines/{plain_man.get('arch')}"
+            plain_label = ("recognizer" if plain_dir == rec_dir
+                           else f"baselines/{plain_man.get('arch')}")
             for label, d, man in (kprpe, (plain_label, plain_dir, plain_man)):
                 if label not in self.models:
                     self._model_entry(label, d, man)
