@@ -24,6 +24,7 @@ from typing import Any, Callable, Sequence
 
 from kpface.errors import EngineUnavailable, InputError
 
+from .engines import quiet
 from .session import OrtSession
 
 log = logging.getLogger(__name__)
@@ -135,7 +136,9 @@ def convert_fp16(src: Path, dst: Path) -> dict[str, Any]:
                                 "pip install -U onnxruntime") from None
     block = sorted(set(DEFAULT_OP_BLOCK_LIST) | set(FP16_KEEP_FP32))
     model = onnx.load(str(src))
-    model16 = convert_float_to_float16(model, keep_io_types=True, op_block_list=block)
+    # It logs every initializer shared by fp32 and fp16 nodes (it keeps both copies) at INFO.
+    with quiet("onnxruntime.transformers.float16"):
+        model16 = convert_float_to_float16(model, keep_io_types=True, op_block_list=block)
     onnx.save(model16, str(dst))
     return {"method": "onnxruntime.transformers.float16.convert_float_to_float16",
             "keep_io_types": True, "fp32_op_types": FP16_KEEP_FP32}
