@@ -43,7 +43,7 @@ from typing import Any, Callable, Iterable, Sequence
 import cv2
 import numpy as np
 
-from kpface.align import estimate_similarity, template, transform_points
+from kpface.align import estimate_similarity, recognizer_inputs, template, transform_points
 from kpface.errors import InputError
 from kpface.landmarks import ARCFACE_TEMPLATE_112
 
@@ -57,6 +57,10 @@ FLIP_ORDER = [1, 0, 2, 4, 3]
 # Hand-measured on skimage.data.astronaut() (512x512), (x, y) pixels in landmark order.
 ASTRONAUT_LANDMARKS = np.array([[202.5, 100.0], [247.5, 102.5], [222.5, 126.0],
                                 [205.5, 142.5], [243.8, 142.5]], dtype=np.float32)
+
+# Used when no manifest is given: the KP-RPE ViT's pre-processing.
+DEFAULT_RECOGNIZER = {"preprocess": {"size": [112, 112], "color": "RGB",
+                                     "mean": [127.5] * 3, "std": [127.5] * 3}}
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -140,12 +144,13 @@ def align_crop(image_bgr: np.ndarray, landmarks: np.ndarray, size: int = 112,
     if rng is not None and aug is not None:
         m = _compose(_jitter(rng, aug, size), m)
         flip = rng.random() < aug.flip
+    # Reflect, not the pipeline's black border: a 25x25 LFW crop fills the whole aligned
+    # frame, and black margins from the jitter would be statistics no real photo produces.
     crop = cv2.warpAffine(image_bgr, m, (size, size), flags=cv2.INTER_LINEAR,
                           borderMode=cv2.BORDER_REFLECT)
     pts = transform_points(landmarks, m)
     if flip:
         crop = crop[:, ::-1].copy()
-        pts = pts.copy()
         pts[:, 0] = size - 1 - pts[:, 0]
         pts = pts[FLIP_ORDER]
     if rng is not None and aug is not None and (aug.brightness or aug.contrast):
@@ -266,7 +271,8 @@ def base_faces(detect: Detect | None = None, user_images: str | os.PathLike | No
 
 
 def normalise(crops_bgr: np.ndarray, manifest: dict | None = None) -> np.ndarray:
-    """[N, H, W, 3] BGR uint8 -> [N, 3, H, W] float32 as the manifest's ``preprocess`` says."""
+    """[N, H, W, 3] BGR uint8 -> [N, 3, H, W] float32 as the manifest's ``preprocess`` says
+    (for image graphs without keypoints; recognizer crops go through recognizer_inputs)."""
     pre = (manifest or {}).get("preprocess", {})
     mean = np.asarray(pre.get("mean", [127.5] * 3), np.float32)
     std = np.asarray(pre.get("std", [127.5] * 3), np.float32)
@@ -276,20 +282,24 @@ def normalise(crops_bgr: np.ndarray, manifest: dict | None = None) -> np.ndarray
 
 
 def make_faceset(faces: Sequence[tuple[str, np.ndarray, np.ndarray]], count: int,
-                 rng: np.random.Generator, aug: Augment, manifest: dict | None = None,
-                 size: int = 112) -> FaceSet:
-    """``count`` augmented crops, cycling through ``faces`` in a seeded random order."""
+                 rng: np.random.Generator, aug: Augment, manifest: dict | None = None
+                 ) -> FaceSet:
+    """``count`` augmented crops, cycling through ``faces`` in a seeded random order, turned
+    into recognizer inputs by the pipeline's own :func:`kpface.align.recognizer_inputs`."""
+    manifest = manifest if manifest and "preprocess" in manifest else DEFAULT_RECOGNIZER
+    size = int(manifest["preprocess"]["size"][0])
     if count <= 0:
         return FaceSet(np.zeros((0, 3, size, size), np.float32), np.zeros((0, 5, 2), np.float32))
-    crops, kps, names = [], [], []
+    crops, pts, names = [], [], []
     order = rng.permutation(len(faces))
     for j in range(count):
         name, img, lm = faces[order[j % len(faces)]]
-        crop, pts = align_crop(img, lm, size, rng, aug)
+        crop, p = align_crop(img, lm, size, rng, aug)
         crops.append(crop)
-        kps.append(pts / size)
+        pts.append(p)
         names.append(name)
-    return FaceSet(normalise(np.stack(crops), manifest), np.stack(kps).astype(np.float32), names)
+    images, keypoints = recognizer_inputs(crops, pts, manifest)
+    return FaceSet(images, keypoints, names)
 
 
 def _split(faces: list, fraction: float, rng: np.random.Generator) -> tuple[list, list]:
@@ -320,7 +330,6 @@ def recognizer_data(manifest: dict | None = None, n_calib: int = 128, n_heldout:
     poor.
     """
     aug = augment or Augment()
-    size = int((manifest or {}).get("preprocess", {}).get("size", [112, 112])[0])
     user = base_faces(detect, user_images, use_builtin=False) if user_images is not None else []
     try:
         builtin = base_faces(detect, None, use_builtin=True)
@@ -332,8 +341,8 @@ def recognizer_data(manifest: dict | None = None, n_calib: int = 128, n_heldout:
     calib_faces, held_faces = _split(user or builtin, heldout_fraction, rng)
     if user:
         held_faces = held_faces + builtin
-    calib = make_faceset(calib_faces, n_calib, rng, aug, manifest, size)
-    held = make_faceset(held_faces, n_heldout, rng, aug, manifest, size)
+    calib = make_faceset(calib_faces, n_calib, rng, aug, manifest)
+    held = make_faceset(held_faces, n_heldout, rng, aug, manifest)
     desc = {
         "kind": "aligned face crops",
         "sources": _source_names(user + builtin),
