@@ -382,7 +382,7 @@ class TensorRTSession:
             arr = np.empty(shape, dtype=trt.nptype(self._engine.get_tensor_dtype(n)))
             outs[n] = arr
             self._context.set_tensor_address(n, self._buffers[n].ensure(arr.nbytes))
-        if not self._context.execute_async_v3(self._stream):
+        if not self._context.execute_async_v3(int(self._stream)):
             raise ModelError("TensorRT execution failed; see the TensorRT log")
         for n, arr in outs.items():
             _d2h(arr, self._buffers[n].ptr, self._stream)
