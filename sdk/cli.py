@@ -268,6 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("nncf", "openvino", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # coremltools warns about untested torch/scikit-learn versions and missing macOS libraries
+    # on every import; kpface reports what matters (prediction needs macOS) itself.
+    logging.getLogger("coremltools").setLevel(logging.ERROR)
     try:
         if args.command == "export" and args.list:
             return list_archs(args.task)
