@@ -187,9 +187,11 @@ def build(model_dir: str | os.PathLike, runtime: str, precision: str,
         summary = {"metric": "embedding cosine" if task == "recognizer" else "output cosine",
                    "reference": "fp32 ONNX on onnxruntime CPU", "gate": gate, "passed": passed,
                    "mean": min(a["mean"] for a in accuracy.values()), "min": worst["min"],
-                   "n": worst["n"], "graphs": accuracy}
+                   "n": worst["n"]}
         if len(accuracy) == 1:
             summary.update({k: v for k, v in worst.items() if k not in summary})
+        else:
+            summary["graphs"] = accuracy
         if not passed:
             figures = (f"cosine vs fp32 mean {summary['mean']:.5f} (gate >= "
                        f"{gate.get('mean', 0):g}), min {summary['min']:.5f} (gate >= "

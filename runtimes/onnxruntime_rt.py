@@ -93,7 +93,7 @@ def load(build_dir: str | os.PathLike, threads: int | None = None, info: dict | 
     build_dir = Path(build_dir)
     fname = (info or {}).get("file", "model.onnx")
     sess = open_onnx(build_dir / fname, threads=threads, device=device)
-    log.info("onnxruntime session on %s runs on %s", build_dir / fname, sess.provider)
+    log.debug("onnxruntime session on %s runs on %s", build_dir / fname, sess.provider)
     return sess
 
 
@@ -242,7 +242,8 @@ def quantize_int8(src: Path, dst: Path, calibration, options: dict) -> dict[str,
             from onnxruntime.quantization.shape_inference import quant_pre_process
             pre = Path(work) / "pre.onnx"
             try:
-                quant_pre_process(str(src), str(pre))
+                with quiet("onnxruntime.quantization"):
+                    quant_pre_process(str(src), str(pre))
                 source = pre
             except Exception as e:  # symbolic shape inference is best effort
                 log.warning("quantization pre-processing skipped (%s: %s)", type(e).__name__,

@@ -131,7 +131,7 @@ def load(build_dir: str | os.PathLike, threads: int | None = None, info: dict | 
     sess = OpenVinoSession(Path(build_dir) / info.get("file", "model.xml"), threads=threads,
                            device=device, precision_hint=info.get("inference_precision", "f32"),
                            names=info.get("inputs", []) + info.get("outputs", []))
-    log.info("OpenVINO session on %s runs on %s at %s", build_dir, sess.provider,
+    log.debug("OpenVINO session on %s runs on %s at %s", build_dir, sess.provider,
              sess.inference_precision)
     return sess
 
