@@ -57,6 +57,7 @@ REFERENCE = ("onnxruntime", "fp32")        # always measured: the accuracy refer
 DETECTOR_SIZE = (640, 480)                 # width, height of the bench scene image
 OVERHEAD_PAIR = ("vit_kprpe_small", "vit_small")
 MAX_E2E_FACES = 16                          # more faces than this: a random-weight detector
+_TURN_PAUSE_S = 0.05                        # between two processes' turns in a round
 REPORT_SCHEMA = 1
 CHART_NAME = "latency.png"
 
@@ -506,36 +507,47 @@ def _summarize(kind: str, out: Any) -> dict[str, np.ndarray]:
     return {}
 
 
-def _measure(cfg: dict, payload: dict) -> dict[str, Any]:
-    threads = int(cfg["threads"])
-    info = _limit_threads(threads)
-    module = _engine_module(cfg["runtime"])
-    if module:
-        try:
-            importlib.import_module(module)
-        except ImportError as e:
-            raise _Skip(f"{module} cannot be imported here: {e}") from None
-    if cfg["runtime"] == "torch":
-        import torch
-        torch.set_num_threads(threads)
-        with contextlib.suppress(RuntimeError):
-            torch.set_num_interop_threads(1)
-    rss0, rss_method = _peak_rss()
-    t0 = time.perf_counter()
-    call, meta = _open_call(cfg, payload)
-    load_s = time.perf_counter() - t0
-    out = None
-    for _ in range(int(cfg["warmup"])):
-        out = call()
-    samples = []
-    for _ in range(int(cfg["repeats"])):
-        t = time.perf_counter_ns()
-        out = call()
-        samples.append((time.perf_counter_ns() - t) / 1e6)
-    rss1, _ = _peak_rss()
-    return {"samples_ms": samples, "load_s": load_s, "rss_baseline_bytes": rss0,
-            "rss_peak_bytes": rss1, "rss_method": rss_method, "outputs": _summarize(cfg["kind"], out), "threads_info": info,
-            **meta}
+class _Prepared:
+    """A configuration opened and warmed up inside a bench process, ready for timed calls."""
+
+    def __init__(self, cfg: dict, payload: dict):
+        threads = int(cfg["threads"])
+        self.kind = cfg["kind"]
+        self.threads_info = _limit_threads(threads)
+        module = _engine_module(cfg["runtime"])
+        if module:
+            try:
+                importlib.import_module(module)
+            except ImportError as e:
+                raise _Skip(f"{module} cannot be imported here: {e}") from None
+        if cfg["runtime"] == "torch":
+            import torch
+            torch.set_num_threads(threads)
+            with contextlib.suppress(RuntimeError):
+                torch.set_num_interop_threads(1)
+        self.rss0, self.rss_method = _peak_rss()
+        t0 = time.perf_counter()
+        self.call, self.meta = _open_call(cfg, payload)
+        self.load_s = time.perf_counter() - t0
+        self.out = None
+        for _ in range(int(cfg["warmup"])):
+            self.out = self.call()
+
+    def run(self, n: int) -> list[float]:
+        samples = []
+        for _ in range(n):
+            t = time.perf_counter_ns()
+            self.out = self.call()
+            samples.append((time.perf_counter_ns() - t) / 1e6)
+        return samples
+
+    def ready(self) -> dict[str, Any]:
+        return {"load_s": self.load_s, "threads_info": self.threads_info, **self.meta}
+
+    def finish(self) -> dict[str, Any]:
+        rss1, _ = _peak_rss()
+        return {"rss_baseline_bytes": self.rss0, "rss_peak_bytes": rss1,
+                "rss_method": self.rss_method, "outputs": _summarize(self.kind, self.out)}
 
 
 def _gemm(cfg: dict) -> dict[str, Any]:
@@ -562,83 +574,161 @@ def _export(cfg: dict) -> dict[str, Any]:
     return {"arch": manifest["arch"], "random_weights": manifest["source"].get("random_weights")}
 
 
-def _run_in_child(cfg: dict, payload: dict) -> tuple:
-    """The body of a bench process: ("ok", result) | ("skipped", reason) | ("error", ...)."""
-    try:
-        if cfg["kind"] == "gemm":
-            return "ok", _gemm(cfg)
-        if cfg["kind"] == "export":
-            return "ok", _export(cfg)
-        return "ok", _measure(cfg, payload)
-    except (_Skip, EngineUnavailable) as e:
+def _failure(e: BaseException) -> tuple:
+    if isinstance(e, (_Skip, EngineUnavailable)):
         return "skipped", str(e)
-    except BaseException as e:  # reported, never raised across the process boundary
-        first = str(e).splitlines()[0][:300] if str(e) else ""
-        return "error", f"{type(e).__name__}: {first}", traceback.format_exc()
+    first = str(e).splitlines()[0][:300] if str(e) else ""
+    return "error", f"{type(e).__name__}: {first}", traceback.format_exc()
 
 
-def _child_main(job_path: str, result_path: str) -> None:
-    """Entry point of a bench process (see :func:`_spawn`)."""
-    import pickle
-    with open(job_path, "rb") as f:
-        job = pickle.load(f)
-    msg = _run_in_child(job["cfg"], job["payload"])
-    with open(result_path + ".tmp", "wb") as f:
-        pickle.dump(msg, f, protocol=pickle.HIGHEST_PROTOCOL)
-    os.replace(result_path + ".tmp", result_path)
+def _child_main(fd: int) -> None:
+    """Entry point of a bench process: one job, then ``run``/``finish`` commands.
+
+    The parent sends ``{"cfg", "payload"}``. GEMM and export jobs answer ``("ok", result)``
+    and end; a measurement opens and warms up its configuration, answers ``("ready", info)``,
+    then answers each ``("run", n)`` with n latencies (ms) and ``("finish",)`` with its peak
+    memory and last outputs. Failures answer ``("skipped", reason)`` or ``("error", ...)``.
+    """
+    from multiprocessing.connection import Connection
+    conn = Connection(fd)
+    try:
+        job = conn.recv()
+        cfg, payload = job["cfg"], job["payload"]
+        try:
+            if cfg["kind"] == "gemm":
+                conn.send(("ok", _gemm(cfg)))
+                return
+            if cfg["kind"] == "export":
+                conn.send(("ok", _export(cfg)))
+                return
+            state = _Prepared(cfg, payload)
+        except BaseException as e:  # reported, never raised across the process boundary
+            conn.send(_failure(e))
+            return
+        conn.send(("ready", state.ready()))
+        while True:
+            cmd = conn.recv()
+            try:
+                if cmd[0] == "run":
+                    conn.send(("ok", state.run(int(cmd[1]))))
+                else:
+                    conn.send(("ok", state.finish()))
+                    return
+            except BaseException as e:
+                conn.send(_failure(e))
+                return
+    except EOFError:  # the parent went away
+        return
+    finally:
+        conn.close()
 
 
-# The child gets the parent's sys.path first, so it imports the same kpface the parent runs.
-_BOOT = ("import pickle, sys\n"
-         "with open(sys.argv[1], 'rb') as f:\n"
-         "    sys.path[:] = pickle.load(f)['sys_path']\n"
+# The child takes the parent's sys.path first, so it imports the same kpface the parent runs.
+_BOOT = ("import json, sys\n"
+         "sys.path[:] = json.loads(sys.argv[3])\n"
          "import importlib\n"
-         "importlib.import_module(sys.argv[3])._child_main(sys.argv[1], sys.argv[2])\n")
+         "importlib.import_module(sys.argv[2])._child_main(int(sys.argv[1]))\n")
 
 
-def _spawn(cfg: dict, payload: dict | None = None, timeout_s: float = 600.0
-           ) -> tuple[str, Any]:
-    """Run one configuration in a fresh Python process; ("ok"|"skipped"|"error", result).
+class _WorkerFailed(Exception):
+    pass
+
+
+class _Worker:
+    """One fresh Python process running one configuration (see :func:`_child_main`).
 
     A plain ``subprocess`` of this interpreter rather than ``multiprocessing`` 'spawn': the
     child is just as fresh (nothing inherited but the environment) and it never re-imports the
     caller's ``__main__``, so scripts without an ``if __name__ == "__main__"`` guard work.
-    The thread count goes into the child's environment (OpenMP / OpenBLAS / MKL read it at
-    load time) as well as into the engine calls.
+    The thread count goes into the child's environment (OpenMP / OpenBLAS / MKL read it when
+    they load) as well as into the engine calls.
     """
-    import pickle
-    import subprocess
-    import tempfile
 
-    env = dict(os.environ)
-    for k in _THREAD_ENV:
-        env[k] = str(int(cfg.get("threads", 1)))
-    with tempfile.TemporaryDirectory(prefix="kpface-bench-") as tmp:
-        job, result = os.path.join(tmp, "job.pkl"), os.path.join(tmp, "result.pkl")
-        with open(job, "wb") as f:
-            pickle.dump({"sys_path": list(sys.path), "cfg": cfg, "payload": payload or {}}, f,
-                        protocol=pickle.HIGHEST_PROTOCOL)
-        errlog = os.path.join(tmp, "stderr.txt")
-        with open(errlog, "wb") as err:
-            proc = subprocess.Popen([sys.executable, "-c", _BOOT, job, result, __name__],
-                                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                    stderr=err, env=env)
+    def __init__(self, cfg: dict, payload: dict | None, timeout_s: float):
+        import socket
+        import subprocess
+        import tempfile
+        from multiprocessing.connection import Connection
+
+        if os.name == "nt":
+            raise KpfaceError("kpface bench runs on Linux and macOS only")
+        self.cfg, self.timeout_s = cfg, timeout_s
+        env = dict(os.environ)
+        for k in _THREAD_ENV:
+            env[k] = str(int(cfg.get("threads", 1)))
+        ours, theirs = socket.socketpair()
+        self._err = tempfile.TemporaryFile()
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", _BOOT, str(theirs.fileno()), __name__,
+                 json.dumps(sys.path)],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self._err,
+                env=env, pass_fds=(theirs.fileno(),))
+        finally:
+            theirs.close()
+        self.conn = Connection(ours.detach())
+        self.conn.send({"cfg": cfg, "payload": payload or {}})
+
+    def _recv(self, timeout_s: float | None = None) -> tuple:
+        try:
+            if not self.conn.poll(timeout_s or self.timeout_s):
+                self.close(kill=True)
+                raise _WorkerFailed(f"timed out after {timeout_s or self.timeout_s:.0f} s")
+            msg = self.conn.recv()
+        except (EOFError, OSError):
+            code = self.proc.wait(timeout=30)
+            self._err.seek(0)
+            tail = self._err.read()[-2000:].decode("utf-8", "replace").strip().splitlines()
+            self.close()
+            raise _WorkerFailed(f"the bench process died (exit code {code})"
+                                + (f": {tail[-1]}" if tail else "")) from None
+        if msg[0] in ("skipped", "error"):
+            if len(msg) > 2:
+                log.debug("bench config %s failed:\n%s", self.cfg.get("id"), msg[2])
+            self.close()
+        return msg
+
+    def start(self) -> tuple[str, Any]:
+        """("ready", info) | ("ok", result) for one-shot jobs | ("skipped"|"error", reason)."""
+        try:
+            msg = self._recv()
+        except _WorkerFailed as e:
+            return "error", str(e)
+        return msg[0], msg[1]
+
+    def request(self, *cmd) -> tuple[str, Any]:
+        try:
+            self.conn.send(cmd)
+            msg = self._recv()
+        except _WorkerFailed as e:
+            return "error", str(e)
+        except (OSError, ValueError) as e:  # the connection is already closed
+            return "error", f"the bench process is gone ({e})"
+        return msg[0], msg[1]
+
+    def close(self, kill: bool = False) -> None:
+        with contextlib.suppress(Exception):
+            self.conn.close()
+        if self.proc.poll() is None:
             try:
-                code = proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-                return "error", f"timed out after {timeout_s:.0f} s"
-        if not os.path.isfile(result):
-            with open(errlog, "rb") as f:
-                tail = f.read()[-2000:].decode("utf-8", "replace").strip().splitlines()
-            return "error", (f"the bench process died (exit code {code})"
-                             + (f": {tail[-1]}" if tail else ""))
-        with open(result, "rb") as f:
-            msg = pickle.load(f)
-    if msg[0] == "error" and len(msg) > 2:
-        log.debug("bench config %s failed:\n%s", cfg.get("id"), msg[2])
-    return msg[0], msg[1]
+                if kill:
+                    raise TimeoutError
+                self.proc.wait(timeout=10)  # it ends once its connection closes
+            except Exception:
+                self.proc.kill()
+                self.proc.wait()
+        with contextlib.suppress(Exception):
+            self._err.close()
+
+
+def _spawn(cfg: dict, payload: dict | None = None, timeout_s: float = 600.0
+           ) -> tuple[str, Any]:
+    """Run a one-shot job (GEMM, export) in a fresh process; ("ok"|"skipped"|"error", result)."""
+    w = _Worker(cfg, payload, timeout_s)
+    try:
+        return w.start()
+    finally:
+        w.close()
 
 
 # =============================================================================================
@@ -1067,37 +1157,89 @@ class _Bench:
                  f"{len(gf)}; best {out['gflops_max']:.1f})")
         return out
 
-    def run_one(self, i: int, n: int, cfg: dict, payload: dict) -> dict[str, Any]:
-        label = (f"{cfg['stage']} {cfg['model']} ({cfg['arch']}) {cfg['runtime']} "
-                 f"{cfg['precision']} b{cfg['batch']}")
-        self.say(f"bench [{i}/{n}] {label}")
-        status, res = _spawn(cfg, payload, timeout_s=self.timeout_s)
+    @staticmethod
+    def _label(cfg: dict) -> str:
+        return (f"{cfg['stage']} {cfg['model']} ({cfg['arch']}) {cfg['runtime']} "
+                f"{cfg['precision']} b{cfg['batch']}")
+
+    def _row(self, cfg: dict, status: str, reason: Any = None) -> dict[str, Any]:
         row = {k: v for k, v in cfg.items() if k not in ("kind", "build_accuracy")}
         row["status"] = status
         if status != "ok":
-            row["reason"] = res
-            self.say(f"bench   {status}: {res}")
-            return row
-        stats = latency_stats(res["samples_ms"])
+            row["reason"] = reason
+            self.say(f"bench   {status}: {self._label(cfg)}: {reason}")
+        return row
+
+    def run_group(self, group: list[tuple[dict, dict]], first: int, total: int
+                  ) -> list[dict[str, Any]]:
+        """Measure configurations side by side: each in its own fresh process, opened and
+        warmed up first, then timed in rounds (``repeats`` split into up to ``rounds`` chunks,
+        the order rotating every round), so that a change in the machine's load hits every
+        configuration of the group alike and their ratios stay fair."""
+        rows: dict[str, dict[str, Any]] = {}
+        live: list[tuple[dict, _Worker, dict]] = []
+        try:
+            for i, (cfg, payload) in enumerate(group):
+                self.say(f"bench [{first + i}/{total}] {self._label(cfg)}: opening")
+                w = _Worker(cfg, payload, self.timeout_s)
+                status, info = w.start()
+                if status != "ready":
+                    w.close()
+                    rows[cfg["id"]] = self._row(cfg, status, info)
+                    continue
+                live.append((cfg, w, info))
+            samples: dict[str, list[float]] = {cfg["id"]: [] for cfg, _, _ in live}
+            n_rounds = max(1, min(self.rounds, self.repeats))
+            chunks = [len(c) for c in np.array_split(np.arange(self.repeats), n_rounds)]
+            if len(live) > 1:
+                self.say(f"bench   timing {len(live)} configurations side by side: "
+                         f"{n_rounds} rounds of {chunks[0]} calls each")
+            for r, chunk in enumerate(chunks):
+                order = live[r % len(live):] + live[:r % len(live)] if live else []
+                for cfg, w, _ in order:
+                    if cfg["id"] in rows:
+                        continue
+                    status, res = w.request("run", chunk)
+                    if status != "ok":
+                        rows[cfg["id"]] = self._row(cfg, status, res)
+                        continue
+                    samples[cfg["id"]] += res
+                    if len(live) > 1:
+                        time.sleep(_TURN_PAUSE_S)  # let the last engine's spinning threads park
+            for cfg, w, info in live:
+                if cfg["id"] in rows:
+                    continue
+                status, res = w.request("finish")
+                if status != "ok":
+                    rows[cfg["id"]] = self._row(cfg, status, res)
+                    continue
+                rows[cfg["id"]] = self._measured(cfg, info, samples[cfg["id"]], res)
+        finally:
+            for _, w, _ in live:
+                w.close()
+        return [rows[cfg["id"]] for cfg, _ in group]
+
+    def _measured(self, cfg: dict, info: dict, samples: list[float], res: dict) -> dict:
+        row = self._row(cfg, "ok")
+        stats = latency_stats(samples)
         items = cfg["batch"]
+        base, peak = res["rss_baseline_bytes"], res["rss_peak_bytes"]
         row.update({
-            "provider": res.get("provider"), "faces": res.get("faces"),
-            "load_s": round(res["load_s"], 3), "latency_ms": stats, "samples_ms": res["samples_ms"],
+            "provider": info.get("provider"), "faces": info.get("faces"),
+            "load_s": round(info["load_s"], 3), "latency_ms": stats, "samples_ms": samples,
             "throughput_items_s": items / (stats["p50"] / 1e3) if stats["p50"] > 0 else None,
-            "memory": {"rss_baseline_mb": _mb(res["rss_baseline_bytes"]),
-                       "rss_peak_mb": _mb(res["rss_peak_bytes"]),
-                       "peak_delta_mb": (_mb(res["rss_peak_bytes"] - res["rss_baseline_bytes"])
-                                         if res["rss_peak_bytes"] is not None and
-                                         res["rss_baseline_bytes"] is not None else None),
+            "memory": {"rss_baseline_mb": _mb(base), "rss_peak_mb": _mb(peak),
+                       "peak_delta_mb": (_mb(peak - base) if peak is not None and
+                                         base is not None else None),
                        "method": res.get("rss_method")},
-            "threads_info": res.get("threads_info"),
+            "threads_info": info.get("threads_info"),
             "accuracy": cfg.get("build_accuracy"),
         })
         row["_outputs"] = res["outputs"]
         row["_kind"] = cfg["kind"]
-        self.say(f"bench   p50 {stats['p50']:.2f} ms  p90 {stats['p90']:.2f}  p99 "
-                 f"{stats['p99']:.2f}  ({row['throughput_items_s']:.1f} items/s, "
-                 f"+{row['memory']['peak_delta_mb']} MB)")
+        self.say(f"bench   {self._label(cfg)}: p50 {stats['p50']:.2f} ms  p90 "
+                 f"{stats['p90']:.2f}  p99 {stats['p99']:.2f}  "
+                 f"({row['throughput_items_s']:.1f} items/s, +{row['memory']['peak_delta_mb']} MB)")
         return row
 
 
@@ -1213,13 +1355,25 @@ def _ratios(bench: _Bench, rows: list[dict], ctx: dict) -> dict[str, Any]:
     return out
 
 
+def _groups(plans: list[tuple[dict, dict]], interleave: bool) -> list[list[tuple[dict, dict]]]:
+    """Configurations timed side by side: same stage and batch (all engines, precisions and
+    models of it), in plan order; one per group without ``interleave``."""
+    if not interleave:
+        return [[p] for p in plans]
+    groups: dict[tuple, list] = {}
+    for p in plans:
+        groups.setdefault((p[0]["stage"], p[0]["batch"]), []).append(p)
+    return list(groups.values())
+
+
 def run_bench(models_dir: str | os.PathLike, out_dir: str | os.PathLike,
               runtimes: Sequence[str] | None = None, precisions: Sequence[str] | None = None,
               batches: Sequence[int] = (1, 8), repeats: int = 30, warmup: int = 5,
               threads: int = 2, baseline_dir: str | os.PathLike | None = None,
               progress: Progress | None = None, *, stages: Sequence[str] | None = None,
               gemm_size: int = 2048, gemm_repeats: int = 10, export_baselines: bool = True,
-              timeout_s: float = 600.0) -> dict[str, Any]:
+              interleave: bool = True, rounds: int = 6, timeout_s: float = 600.0
+              ) -> dict[str, Any]:
     """Benchmark every stage of ``models_dir`` and write ``out_dir/report.{md,json}`` + chart.
 
     ``models_dir`` holds ``detector/``, ``keypoints/`` (optional) and ``recognizer/`` model
@@ -1230,6 +1384,13 @@ def run_bench(models_dir: str | os.PathLike, out_dir: str | os.PathLike,
     scene. ``baseline_dir`` is a plain-ViT model dir for ``kprpe_overhead``; without it
     ``models_dir/baselines/vit_small`` and ``vit_kprpe_small`` are used, exported there (random
     weights) when missing and ``export_baselines`` allows it. Returns the report dict.
+
+    With ``interleave`` (default) the configurations of one stage and batch are opened side
+    by side, each in its own process, and timed in ``rounds`` alternating chunks, so the
+    ratios between them survive a machine whose load changes during the run; this holds all
+    their models in memory at once. ``interleave=False`` runs one configuration at a time.
+    ``stages`` picks a subset of :data:`STAGES`; ``gemm_size``/``gemm_repeats`` size the GEMM
+    peak measurement; ``timeout_s`` bounds each request to a bench process.
     """
     models_dir = Path(models_dir).expanduser()
     out_dir = Path(out_dir).expanduser()
@@ -1249,6 +1410,7 @@ def run_bench(models_dir: str | os.PathLike, out_dir: str | os.PathLike,
     bench = _Bench(models_dir, out_dir, runtimes, precisions, batches, repeats, warmup, threads,
                    baseline_dir, progress, stages, gemm_size, gemm_repeats, export_baselines,
                    timeout_s)
+    bench.rounds = int(rounds) if interleave else 1
     say = bench.say
     t_start = time.perf_counter()
     machine = machine_info()
@@ -1261,8 +1423,10 @@ def run_bench(models_dir: str | os.PathLike, out_dir: str | os.PathLike,
     plans, ctx = bench.plan(engines)
     gemm = bench.gemm_peak()
     rows = []
-    for i, (cfg, payload) in enumerate(plans, 1):
-        rows.append(bench.run_one(i, len(plans), cfg, payload))
+    done = 0
+    for group in _groups(plans, interleave):
+        rows += bench.run_group(group, done + 1, len(plans))
+        done += len(group)
 
     # Accuracy computed against fp32 ONNX Runtime where no build.json gave figures.
     refs = {(r["stage"], r["model"], r["batch"]): r for r in rows
@@ -1322,6 +1486,7 @@ def run_bench(models_dir: str | os.PathLike, out_dir: str | os.PathLike,
         "machine": machine,
         "settings": {"threads": bench.threads, "repeats": bench.repeats, "warmup": bench.warmup,
                      "batches": list(bench.batches), "runtimes": bench.runtimes,
+                     "interleave": bool(interleave), "rounds": bench.rounds,
                      "precisions": bench.precisions, "stages": list(bench.stages),
                      "detector_input": list(DETECTOR_SIZE), "models_dir": str(models_dir),
                      "baseline_dir": str(bench.baseline_dir) if bench.baseline_dir else None,
@@ -1329,7 +1494,9 @@ def run_bench(models_dir: str | os.PathLike, out_dir: str | os.PathLike,
                      "recognizer_inputs": ctx.get("recognizer_inputs")},
         "method": {
             "latency": "per call wall time (perf_counter) after warm-up; p50 = median, p90/p99 "
-                       "by linear interpolation; throughput = batch / p50",
+                       "by linear interpolation; throughput = batch / p50"
+                       + ("; configurations of one stage and batch are timed side by side in "
+                          f"{bench.rounds} alternating rounds" if interleave else ""),
             "memory": "each configuration runs in a fresh Python process; peak_delta_mb = "
                       "peak RSS after the timed runs - peak RSS after importing the engine "
                       "library (model, arenas, activations); peak RSS is VmHWM of "

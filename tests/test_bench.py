@@ -228,13 +228,31 @@ def test_skips_without_baseline_or_torch(models, tmp_path, monkeypatch):
     root, _ = models
     monkeypatch.setattr(bench, "_torch_available", lambda: (False, "torch is not installed"))
     report = bench.run_bench(root, tmp_path, stages=["embed"], batches=(1,), repeats=2,
-                             warmup=0, export_baselines=False, gemm_size=128, gemm_repeats=2)
+                             warmup=0, export_baselines=False, gemm_size=128, gemm_repeats=2,
+                             interleave=False)
     ratios = report["ratios"]
     assert ratios["kprpe_overhead"]["status"] == "skipped"
     assert "baselines" in ratios["kprpe_overhead"]["reason"]
     assert ratios["ort_vs_torch"] == {"status": "skipped", "reason": "torch is not installed"}
     assert [r["runtime"] for r in _ok(report)] == ["onnxruntime"]
     assert (tmp_path / "report.md").is_file()
+
+
+def test_failing_configuration_is_reported_not_raised(models, tmp_path):
+    root, _ = models
+    broken = tmp_path / "broken"
+    shutil.copytree(root / "recognizer", broken)
+    (broken / "model.onnx").write_bytes(b"not an onnx file")
+    cfg = {"id": "embed/broken/onnxruntime-fp32/b1", "stage": "embed", "model": "broken",
+           "arch": "vit_kprpe_tiny", "model_dir": str(broken), "runtime": "onnxruntime",
+           "precision": "fp32", "batch": 1, "kind": "session", "threads": 1, "repeats": 1,
+           "warmup": 0}
+    w = bench._Worker(cfg, {}, timeout_s=120)
+    try:
+        status, reason = w.start()
+    finally:
+        w.close()
+    assert status == "error" and "ModelError" in reason and "sha256" in reason
 
 
 def test_bad_arguments(models, tmp_path):
