@@ -57,19 +57,35 @@ def patch_grid(side: int) -> torch.Tensor:
 class KPRPE(nn.Module):
     """Geometry of KP-RPE for one ViT: no parameters, only precomputed buffers.
 
-    The learned part is the ViT's ``keypoint_linear`` (10 -> 49*H*depth); this module turns
-    keypoints into its input and its output into one bias per block, each [B, H, N, N].
+    The learned part is the ViT's ``keypoint_linear`` (2K -> 49*H*depth, rows in the
+    checkpoint's (block, head, bucket) order); :meth:`forward` turns keypoints into its input
+    and its output into one bias per block.
+
+    Layout, chosen by measurement in ONNX Runtime (12 blocks x 8 heads, 2 threads): the rows
+    of ``keypoint_linear`` are read in (block, bucket, head) order through a constant
+    permutation (folded into the weights at export); one single-axis transpose brings batch
+    next to head, so each block gathers whole (batch, head) rows of 8*B values and needs only
+    a 2-D transpose to land in the attention's [B, H, N, N] layout. That is about 2.3x faster
+    at batch 8 and 2x at batch 1 than gathering single elements along the bucket axis.
     """
 
     def __init__(self, side: int, depth: int, num_heads: int, num_keypoints: int = 5):
         super().__init__()
         self.side, self.depth, self.num_heads = side, depth, num_heads
         self.num_keypoints = num_keypoints
-        n = side * side
+        n, m, h = side * side, NUM_BUCKETS, num_heads
         self.register_buffer("grid", patch_grid(side), persistent=False)
-        # Bias[i, j] = T[i, bucket[i, j]] is a gather from T flattened over (N, 49).
-        flat = torch.arange(n)[:, None] * NUM_BUCKETS + bucket_ids(side)
-        self.register_buffer("gather_index", flat.reshape(-1), persistent=False)
+        # Row p = (d*49 + m)*H + h of the reordered linear is checkpoint row (d*H + h)*49 + m.
+        d_, m_, h_ = torch.meshgrid(torch.arange(depth), torch.arange(m), torch.arange(h),
+                                    indexing="ij")
+        self.register_buffer("feature_order", ((d_ * h + h_) * m + m_).reshape(-1),
+                             persistent=False)
+        # Block d's bias[i, j] reads row (i*depth + d)*49 + bucket[i, j] of the table.
+        buckets = bucket_ids(side)
+        query = torch.arange(n)[:, None]
+        for d in range(depth):
+            self.register_buffer(f"gather_index_{d}",
+                                 ((query * depth + d) * m + buckets).reshape(-1), persistent=False)
 
     @property
     def table_size(self) -> int:
@@ -84,13 +100,15 @@ class KPRPE(nn.Module):
         diff = self.grid[None, :, None, :] - kp[:, None, :, :]
         return diff.flatten(2)
 
-    def biases(self, table: torch.Tensor) -> list[torch.Tensor]:
-        """``keypoint_linear`` output [B, N, depth*H*49] (feature (d*H + h)*49 + m) -> per-block bias."""
-        b, n = table.shape[0], table.shape[1]
-        table = table.view(b, n, self.depth, self.num_heads, NUM_BUCKETS)
+    def forward(self, keypoints: torch.Tensor, linear: nn.Linear) -> list[torch.Tensor]:
+        """One bias per block, each [B, H, N, N]: bias[b, h, i, j] = T_d[b, h, i, bucket[i, j]]."""
+        rel = self.relative_keypoints(keypoints)
+        b, n, h = rel.shape[0], rel.shape[1], self.num_heads
+        table = nn.functional.linear(rel, linear.weight[self.feature_order],
+                                     linear.bias[self.feature_order])  # [B, N, (d, m, h)]
+        rows = table.reshape(b, -1, h).transpose(0, 1).reshape(-1, b * h)  # [(n, d, m), (b, h)]
         out = []
         for d in range(self.depth):
-            t = table[:, :, d].transpose(1, 2).reshape(b, self.num_heads, n * NUM_BUCKETS)
-            bias = torch.index_select(t, 2, self.gather_index)
-            out.append(bias.view(b, self.num_heads, n, n))
+            g = torch.index_select(rows, 0, getattr(self, f"gather_index_{d}"))  # [N*N, B*H]
+            out.append(g.t().reshape(b, h, n, n))
         return out

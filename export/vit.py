@@ -49,6 +49,7 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``bias``: [B, H, N, N] or None."""
         b, n, c = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
@@ -60,9 +61,8 @@ class Attention(nn.Module):
         else:
             # Plain CVLface ViT: scale after the product (differs only in rounding).
             attn = (q @ k.transpose(-2, -1)) * self.scale
-        attn = attn.softmax(dim=-1)
-        out = (attn @ v).transpose(1, 2).reshape(b, n, c)
-        return self.proj(out)
+        out = (attn.softmax(dim=-1) @ v).transpose(1, 2)  # [B, N, H, hd]
+        return self.proj(out.reshape(b, n, c))
 
 
 class Mlp(nn.Module):
@@ -133,7 +133,7 @@ class FaceViT(nn.Module):
         if self.cfg.kprpe:
             if keypoints is None:
                 raise ValueError("a KP-RPE model needs keypoints")
-            biases = self.rpe.biases(self.keypoint_linear(self.rpe.relative_keypoints(keypoints)))
+            biases = self.rpe(keypoints, self.keypoint_linear)
         else:
             biases = [None] * len(self.blocks)
         for block, bias in zip(self.blocks, biases):

@@ -37,12 +37,14 @@ def test_geometry_is_stored_as_initializers(tiny_recognizer):
     c = np.array([(2 * k + 1) / 28 for k in range(14)])
     np.testing.assert_allclose(grid[:, 0], np.tile(c, 14), atol=1e-7)   # x = column
     np.testing.assert_allclose(grid[:, 1], np.repeat(c, 14), atol=1e-7)  # y = row
-    index = inits["rpe.gather_index"].reshape(196, 196)
-    expected = np.arange(196)[:, None] * 49 + buckets_spec()
-    np.testing.assert_array_equal(index, expected)
-    # One shared index table: every block's bias gather reads the same initializer.
-    gathers = [n for n in g.node if n.op_type == "Gather" and "rpe.gather_index" in n.input]
-    assert len(gathers) == 2  # depth of the tiny model
+    depth = 2  # the tiny model
+    for d in range(depth):
+        # Block d reads row (i*depth + d)*49 + bucket[i, j] of the keypoint table.
+        index = inits[f"rpe.gather_index_{d}"].reshape(196, 196)
+        expected = (np.arange(196)[:, None] * depth + d) * 49 + buckets_spec()
+        np.testing.assert_array_equal(index, expected)
+        gathers = [n for n in g.node if n.op_type == "Gather" and f"rpe.gather_index_{d}" in n.input]
+        assert len(gathers) == 1
 
 
 def test_manifest_records_parity_and_hashes(tiny_recognizer):

@@ -89,7 +89,7 @@ def test_bias_tensor_matches_spec_loop():
     torch.nn.init.normal_(model.keypoint_linear.bias)
     kp = torch.tensor([[[0.34, 0.46], [0.66, 0.46], [0.5, 0.64], [0.37, 0.83], [0.63, 0.82]]])
     with torch.no_grad():
-        got = model.rpe.biases(model.keypoint_linear(model.rpe.relative_keypoints(kp)))
+        got = model.rpe(kp, model.keypoint_linear)
     expected = bias_spec(model.keypoint_linear.weight.double().tolist(),
                          model.keypoint_linear.bias.double().tolist(), kp[0].double().tolist(),
                          depth=2, heads=2)
