@@ -1140,9 +1140,9 @@ class _Bench:
             return None
 
     # -- running -----------------------------------------------------------------------------
-    def gemm_peak(self) -> dict[str, Any]:
+    def gemm_peak(self, when: str = "") -> dict[str, Any]:
         n = self.gemm_size
-        self.say(f"bench: fp32 GEMM peak (numpy matmul {n}x{n}, {self.threads} threads)")
+        self.say(f"bench: fp32 GEMM peak (numpy matmul {n}x{n}, {self.threads} threads{when})")
         status, res = _spawn({"kind": "gemm", "size": n, "threads": self.threads,
                               "warmup": 2, "repeats": self.gemm_repeats}, timeout_s=self.timeout_s)
         if status != "ok":
@@ -1421,12 +1421,21 @@ def run_bench(models_dir: str | os.PathLike, out_dir: str | os.PathLike,
                 bench.skipped.append({"stage": "*", "runtime": name, "precision": None,
                                       "reason": e["reason"]})
     plans, ctx = bench.plan(engines)
-    gemm = bench.gemm_peak()
+    gemm_start = bench.gemm_peak(", before the configurations")
     rows = []
     done = 0
     for group in _groups(plans, interleave):
         rows += bench.run_group(group, done + 1, len(plans))
         done += len(group)
+    # Measured again after: the higher median is the machine's peak; a gap between the two
+    # says the load changed during the run.
+    gemm_end = bench.gemm_peak(", after the configurations") if plans else {"status": "skipped"}
+    ok = [g for g in (gemm_start, gemm_end) if g.get("status") == "ok"]
+    gemm = dict(max(ok, key=lambda g: g["gflops_median"]) if ok else gemm_start)
+    gemm["runs"] = {"before": {k: gemm_start.get(k) for k in ("status", "gflops_median",
+                                                               "gflops_max", "reason")},
+                    "after": {k: gemm_end.get(k) for k in ("status", "gflops_median",
+                                                            "gflops_max", "reason")}}
 
     # Accuracy computed against fp32 ONNX Runtime where no build.json gave figures.
     refs = {(r["stage"], r["model"], r["batch"]): r for r in rows
@@ -1503,7 +1512,8 @@ def run_bench(models_dir: str | os.PathLike, out_dir: str | os.PathLike,
                       "/proc/self/status on Linux (ru_maxrss is inherited across fork+exec "
                       "there), ru_maxrss elsewhere",
             "gemm": "numpy.matmul of two float32 square matrices at the same thread count, "
-                    "median GFLOP/s of repeats",
+                    "median GFLOP/s of repeats, measured before and after the configurations; "
+                    "the higher median is the peak",
             "flops": "multiply-adds x 2 of MatMul/Gemm/Conv, counted from the ONNX graph with "
                      "shape inference (kpface.flops); fraction_of_peak = achieved / GEMM median",
             "accuracy": "from build.json when it has figures, else cosine vs ONNX Runtime fp32 "
@@ -1626,9 +1636,11 @@ def _markdown(report: dict, chart: str | None) -> str:
         tp = g.get("blas", {}).get("threadpoolctl") or []
         tp_s = "; ".join(f"{p.get('internal_api')} {p.get('version')} {p.get('architecture')} "
                          f"{p.get('num_threads')} threads" for p in tp) or "threadpoolctl n/a"
+        runs = g.get("runs", {})
+        both = ", ".join(f"{k} {_fmt(v.get('gflops_median'), '.1f')}" for k, v in runs.items())
         lines.append(f"numpy matmul {g['size']}x{g['size']} float32, {g['threads']} threads: "
                      f"**{g['gflops_median']:.1f} GFLOP/s** (median of {g['repeats']}, best "
-                     f"{g['gflops_max']:.1f}); BLAS: {tp_s}.")
+                     f"{g['gflops_max']:.1f}; medians {both or 'n/a'}); BLAS: {tp_s}.")
     else:
         lines.append(f"not measured: {g.get('reason')}")
     lines += ["", "## Results", "",
