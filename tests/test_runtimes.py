@@ -4,7 +4,6 @@ The model is a vit_kprpe_tiny with a more realistic random init (see
 ``runtimes_support.realistic_tiny``), exported once per session.
 """
 import json
-import os
 import shutil
 import sys
 
@@ -248,10 +247,8 @@ def test_tensorrt_build_and_run(tiny_kprpe, held_feeds, precision):
     assert sess.run(held_feeds)["embedding"].shape == (8, 512)
 
 
-# --- a published-size model, only on request ------------------------------------------------
+# --- a published-size model (about 2 minutes on 2 cores) -----------------------------------
 
-@pytest.mark.skipif(not os.environ.get("KPFACE_SLOW_TESTS"), reason="vit_kprpe_small export + int8 takes ~2 min on 2 cores; "
-                           "set KPFACE_SLOW_TESTS=1")
 def test_small_int8_onnxruntime(tmp_path):
     import torch
 
