@@ -45,7 +45,8 @@ def cmd_export(args) -> int:
     arch = args.arch or DEFAULT_ARCH[args.task]
     out = Path(args.out or arch)
     manifest = export_model(arch, out, weights=args.weights, opset=args.opset,
-                            strict=not args.no_strict, task=args.task, progress=say)
+                            strict=not args.no_strict, task=args.task, progress=say,
+                            save_weights=args.save_weights)
     print(f"exported {arch} to {out}/ in {manifest['export_seconds']:.1f} s")
     for name, g in manifest["graphs"].items():
         line = f"  {g['file']}: {g['bytes'] / 1e6:.1f} MB"
@@ -65,8 +66,9 @@ def cmd_export(args) -> int:
 
 def cmd_build(args) -> int:
     from kpface.runtimes.build import build
+    detector = {"auto": "auto", "none": None}.get(args.detector, args.detector)
     info = build(args.model_dir, args.runtime, args.precision, calib_images=args.calib,
-                 force=args.force, progress=say)
+                 force=args.force, device=args.device, detector=detector, progress=say)
     print(json.dumps(info.get("accuracy", {}), indent=2))
     print(f"built {info.get('dir', '')}")
     return 0
@@ -194,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 17; default 17)")
     e.add_argument("--no-strict", action="store_true",
                    help="load a checkpoint even if keys are missing or unexpected")
+    e.add_argument("--save-weights", action="store_true",
+                   help="also store the torch weights (weights.safetensors): CoreML builds "
+                   "convert from torch and need them when the weights are random")
     e.add_argument("--list", action="store_true", help="list the architectures of TASK and exit")
     e.set_defaults(func=cmd_export)
 
@@ -204,6 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--calib", help="folder of face images for int8 calibration "
                    "(default: scikit-image's sample faces)")
     b.add_argument("--force", action="store_true", help="keep a build that fails its accuracy gate")
+    b.add_argument("--device", help="target device (default: the engine's first: cpu, cuda, ...)")
+    b.add_argument("--detector", default="auto",
+                   help="where calibration faces come from: 'auto' (detector/ beside MODEL_DIR), "
+                   "a detector model directory, or 'none' (known landmarks of the sample faces)")
     b.set_defaults(func=cmd_build)
 
     def stage_opts(sp):
@@ -269,8 +278,11 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("nncf", "openvino", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # coremltools warns about untested torch/scikit-learn versions and missing macOS libraries
-    # on every import; kpface reports what matters (prediction needs macOS) itself.
-    logging.getLogger("coremltools").setLevel(logging.ERROR)
+    # on every import (and resets its logger's level when imported); kpface reports what
+    # matters (prediction needs macOS) itself, so those records are filtered at the handler.
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(lambda r: not (r.name.startswith("coremltools")
+                                         and r.levelno < logging.ERROR and not args.debug))
     try:
         if args.command == "export" and args.list:
             return list_archs(args.task)

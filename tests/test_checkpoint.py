@@ -1,5 +1,4 @@
 """Checkpoint loading: both published key layouts, kpface's own format, strictness, safety."""
-import pickle
 
 import pytest
 import torch

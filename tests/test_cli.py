@@ -89,3 +89,27 @@ def test_run_with_incomplete_models_dir(tmp_path, tiny_recognizer):
 def test_debug_shows_traceback(tmp_path):
     code, _, err = kpface("--debug", "run", "x.jpg", "--models", tmp_path / "none")
     assert code != 0 and "Traceback" in err
+
+
+def test_engines_table():
+    code, out, err = kpface("engines")
+    assert code == 0
+    for name in ("onnxruntime", "openvino", "tensorrt", "coreml"):
+        assert f"`{name}`" in out
+    assert "WARNING coremltools" not in err
+
+
+def test_build_on_a_missing_engine_is_one_line(tiny_recognizer):
+    code, _, err = kpface("build", tiny_recognizer, "--runtime", "tensorrt", "--precision", "fp16")
+    assert_one_line_error(code, err, "tensorrt")
+    assert "pip install" in err
+
+
+def test_build_int8_prints_accuracy(tiny_recognizer, tmp_path):
+    copy = tmp_path / "m"
+    shutil.copytree(tiny_recognizer, copy, ignore=shutil.ignore_patterns("builds"))
+    code, out, err = kpface("build", copy, "--runtime", "onnxruntime", "--precision", "int8",
+                            "--detector", "none")
+    assert code == 0, err
+    assert '"mean"' in out and "built " in out
+    assert (copy / "builds" / "onnxruntime-int8-cpu" / "build.json").is_file()
