@@ -1646,7 +1646,8 @@ def _markdown(report: dict, chart: str | None) -> str:
     lines += ["", "## Results", "",
               "Latencies in ms (p50 = median); items/s = batch / p50; +RSS = peak RSS increase "
               "of a fresh process while opening and running the configuration; GFLOP/s from "
-              "the analytic FLOP count and p50; % peak of the GEMM median.", "",
+              "the analytic FLOP count and p50; % peak of the GEMM median (numpy's GEMM, not "
+              "the CPU's theoretical peak: an engine's kernels may exceed 100%).", "",
               "| " + " | ".join(_HEAD) + " |", "|" + "---|" * len(_HEAD)]
     for r in report["results"]:
         if r.get("status") == "ok":

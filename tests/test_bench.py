@@ -20,7 +20,6 @@ PLAIN_ARCH = "vit_tiny_plain_bench_test"
 # --- FLOP counter --------------------------------------------------------------------------
 
 def _graph(nodes, inputs, outputs, inits=()):
-    import onnx
     from onnx import helper
     g = helper.make_graph(nodes, "g", inputs, outputs, list(inits))
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
