@@ -113,3 +113,12 @@ def test_build_int8_prints_accuracy(tiny_recognizer, tmp_path):
     assert code == 0, err
     assert '"mean"' in out and "built " in out
     assert (copy / "builds" / "onnxruntime-int8-cpu" / "build.json").is_file()
+
+
+def test_readme_engine_table_matches_the_code():
+    from pathlib import Path
+
+    from kpface.runtimes.engines import markdown_table
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("<!-- engines:begin -->")[1].split("<!-- engines:end -->")[0]
+    assert block.strip() == markdown_table().strip()
