@@ -104,8 +104,9 @@ class KPRPE(nn.Module):
         """One bias per block, each [B, H, N, N]: bias[b, h, i, j] = T_d[b, h, i, bucket[i, j]]."""
         rel = self.relative_keypoints(keypoints)
         b, n, h = rel.shape[0], rel.shape[1], self.num_heads
-        table = nn.functional.linear(rel, linear.weight[self.feature_order],
-                                     linear.bias[self.feature_order])  # [B, N, (d, m, h)]
+        # 2-D input so ONNX Runtime runs the linear and its bias as one Gemm.
+        table = nn.functional.linear(rel.reshape(b * n, -1), linear.weight[self.feature_order],
+                                     linear.bias[self.feature_order])  # [B*N, (d, m, h)]
         rows = table.reshape(b, -1, h).transpose(0, 1).reshape(-1, b * h)  # [(n, d, m), (b, h)]
         out = []
         for d in range(self.depth):
