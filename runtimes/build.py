@@ -110,6 +110,68 @@ def output_agreement(ref: Session, cand: Session, feeds_list: list[dict]) -> dic
             "min": min(o["min"] for o in outs.values())}
 
 
+# Detector builds must find the same faces as fp32: matched boxes with IoU >= 0.9, landmarks
+# within 5% of the face size (sqrt of the fp32 box area; the eye distance is unstable on profile
+# faces), no face missed or added.
+DETECTION_GATES = {"iou_min": 0.9, "landmark_nme_max": 0.05}
+
+
+def _detection_scenes() -> list[tuple[str, np.ndarray]]:
+    """Real photographs for detector gates: faces at several sizes and a face-free scene."""
+    import cv2
+    import skimage.data as skd
+    astro = cv2.cvtColor(skd.astronaut(), cv2.COLOR_RGB2BGR)
+    return [("astronaut", astro),
+            ("astronaut 0.5x", cv2.resize(astro, None, fx=0.5, fy=0.5, interpolation=cv2.INTER_AREA)),
+            ("camera", cv2.cvtColor(skd.camera(), cv2.COLOR_GRAY2BGR)),
+            ("coffee (no face)", cv2.cvtColor(skd.coffee(), cv2.COLOR_RGB2BGR))]
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    x1, y1 = max(a[0], b[0]), max(a[1], b[1])
+    x2, y2 = min(a[2], b[2]), min(a[3], b[3])
+    inter = max(0.0, x2 - x1) * max(0.0, y2 - y1)
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return float(inter / union) if union > 0 else 0.0
+
+
+def detection_agreement(model_dir: Path, candidates: dict[str, Session],
+                        threads: int | None = None) -> dict[str, Any]:
+    """Run the detector with its fp32 graphs and with ``candidates`` (graph name -> session) on
+    real photographs; match faces by IoU and compare boxes and landmarks.
+
+    Graph ``model`` is the detector's ``session``; other graphs (MTCNN's pnet, rnet, onet) are
+    attributes of their own name.
+    """
+    from kpface.detect import load_detector
+    ref = load_detector(model_dir, threads=threads)
+    cand = load_detector(model_dir, threads=threads)
+    for gname, sess in candidates.items():
+        setattr(cand, "session" if gname == "model" else gname, sess)
+    ious, nmes, missed, extra, images = [], [], 0, 0, []
+    for name, image in _detection_scenes():
+        r, c = ref.detect(image), cand.detect(image)
+        images.append(f"{name}: {len(r)} face(s)")
+        used: set[int] = set()
+        for face in r:
+            scores = [(_iou(face.box, o.box), k) for k, o in enumerate(c) if k not in used]
+            best, k = max(scores, default=(0.0, -1))
+            if best < 0.5:
+                missed += 1
+                continue
+            used.add(k)
+            ious.append(best)
+            x1, y1, x2, y2 = face.box
+            size = np.sqrt(max((x2 - x1) * (y2 - y1), 1e-6))
+            err = np.linalg.norm(face.landmarks - c[k].landmarks, axis=1).max()
+            nmes.append(float(err / size))
+        extra += len(c) - len(used)
+    return {"images": images, "faces": len(ious) + missed, "missed": missed, "extra": extra,
+            "iou_min": min(ious, default=1.0), "iou_mean": float(np.mean(ious)) if ious else 1.0,
+            "landmark_nme_max": max(nmes, default=0.0),
+            "gate": DETECTION_GATES}
+
+
 def build(model_dir: str | os.PathLike, runtime: str, precision: str,
           calib_images: str | os.PathLike | None = None, force: bool = False,
           device: str | None = None, progress: Callable[[str], None] | None = None, *,
@@ -157,6 +219,7 @@ def build(model_dir: str | os.PathLike, runtime: str, precision: str,
 
     artifacts: dict[str, dict[str, Any]] = {}
     accuracy: dict[str, Any] = {}
+    candidates: dict[str, Session] = {}
     with staging_dir(dest) as tmp:
         for gname, g in graphs.items():
             onnx_path = model_dir / g["file"]
@@ -179,11 +242,21 @@ def build(model_dir: str | os.PathLike, runtime: str, precision: str,
             acc["method"] = getattr(cand, "gate_method",
                                     f"{runtime} {precision} vs fp32 ONNX (onnxruntime CPU)")
             acc["provider"] = cand.provider
+            if task == "detector":
+                candidates[gname] = cand
             del cand, ref
             accuracy[gname] = acc
         worst = min(accuracy.values(), key=lambda a: a["min"])
         passed = all(a["min"] >= gate["min"] and a["mean"] >= gate.get("mean", -1)
                      for a in accuracy.values())
+        detections = None
+        if task == "detector":
+            say("comparing detections (boxes, landmarks) with the fp32 detector on real photos")
+            detections = detection_agreement(model_dir, candidates, threads)
+            candidates.clear()
+            passed = passed and detections["missed"] == 0 and detections["extra"] == 0 \
+                and detections["iou_min"] >= DETECTION_GATES["iou_min"] \
+                and detections["landmark_nme_max"] <= DETECTION_GATES["landmark_nme_max"]
         summary = {"metric": "embedding cosine" if task == "recognizer" else "output cosine",
                    "reference": "fp32 ONNX on onnxruntime CPU", "gate": gate, "passed": passed,
                    "mean": min(a["mean"] for a in accuracy.values()), "min": worst["min"],
@@ -192,10 +265,18 @@ def build(model_dir: str | os.PathLike, runtime: str, precision: str,
             summary.update({k: v for k, v in worst.items() if k not in summary})
         else:
             summary["graphs"] = accuracy
+        if detections is not None:
+            summary["detections"] = detections
         if not passed:
             figures = (f"cosine vs fp32 mean {summary['mean']:.5f} (gate >= "
                        f"{gate.get('mean', 0):g}), min {summary['min']:.5f} (gate >= "
                        f"{gate['min']:g}) on {summary['n']} held-out inputs")
+            if detections is not None:
+                figures += (f"; detections: {detections['missed']} missed, {detections['extra']} "
+                            f"extra, box IoU min {detections['iou_min']:.3f} (gate >= "
+                            f"{DETECTION_GATES['iou_min']}), landmark error max "
+                            f"{detections['landmark_nme_max']:.3f} of the face size (gate <= "
+                            f"{DETECTION_GATES['landmark_nme_max']})")
             if not force:
                 raise AccuracyGateError(
                     f"{runtime} {precision} build of {model_dir.name} failed its accuracy gate: "

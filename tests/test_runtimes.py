@@ -276,6 +276,9 @@ def test_detector_build_every_graph(models_dir, tmp_path):
     assert set(info["graphs"]) == {"pnet", "rnet", "onet"}
     assert set(info["accuracy"]["graphs"]) == {"pnet", "rnet", "onet"}
     assert info["accuracy"]["passed"] and info["accuracy"]["min"] >= 0.999
+    det = info["accuracy"]["detections"]
+    assert det["faces"] >= 2 and det["missed"] == 0 and det["extra"] == 0
+    assert det["iou_min"] >= 0.9 and det["landmark_nme_max"] <= 0.05
     from kpface.detect import load_detector
     import cv2
     from skimage import data
@@ -296,3 +299,13 @@ def test_calibration_faces_come_from_the_pipeline_detector(models_dir, tmp_path)
     info = build(root / "recognizer", "onnxruntime", "int8", n_calib=16, n_heldout=8, threads=2)
     assert info["calibration"]["landmarks"].startswith("detector (")
     assert info["accuracy"]["passed"]
+
+
+def test_detector_build_refused_when_detections_differ(models_dir, tmp_path, monkeypatch):
+    import kpface.runtimes.build as b
+    det_dir = tmp_path / "detector"
+    shutil.copytree(models_dir / "detector", det_dir, ignore=shutil.ignore_patterns("builds"))
+    monkeypatch.setitem(b.DETECTION_GATES, "iou_min", 1.01)  # no build can reach it
+    with pytest.raises(AccuracyGateError, match="detections: 0 missed, 0 extra, box IoU min"):
+        build(det_dir, "onnxruntime", "fp16", threads=2)
+    assert not (det_dir / "builds" / "onnxruntime-fp16-cpu").exists()
