@@ -81,3 +81,16 @@ def test_example_enroll_and_identify(models_dir, astronaut_png, tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     assert "enrolled eileen: 1 photo(s)" in p.stdout and ": eileen (cosine 1.000)" in p.stdout
+
+
+def test_pipeline_is_torch_free(models_dir, astronaut_png):
+    code = (
+        "import sys, kpface\n"
+        "from kpface.image import load_image\n"
+        f"pipe = kpface.FacePipeline.from_dir({str(models_dir)!r}, threads=1)\n"
+        f"faces = pipe(load_image({str(astronaut_png)!r}))\n"
+        "assert len(faces) == 1 and faces[0].embedding.shape == (512,)\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
