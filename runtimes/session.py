@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import threading
 from pathlib import Path
 from typing import Protocol
 
@@ -49,7 +48,6 @@ class OrtSession:
         self.provider = self._sess.get_providers()[0]
         self.input_names = [i.name for i in self._sess.get_inputs()]
         self.output_names = [o.name for o in self._sess.get_outputs()]
-        self._lock = threading.Lock()
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         outs = self._sess.run(self.output_names, feeds)
