@@ -306,10 +306,12 @@ def _plan_runtimes(model_dir: Path, engines: dict[str, dict], runtimes: Sequence
         for p in (precisions or []):
             if (rt, p) not in seen and not any(s["runtime"] == rt and s["precision"] == p
                                                for s in skipped):
-                skipped.append({"stage": stage, "runtime": rt, "precision": p,
-                                "reason": f"no {rt} {p} build in {model_dir}/builds; make one "
-                                          f"with `kpface build {model_dir} --runtime {rt} "
-                                          f"--precision {p}`"})
+                if p == "int8" and stage in ("detect", "keypoints"):
+                    reason = "int8 builds are made for the recognizer only"
+                else:
+                    reason = (f"no {rt} {p} build in {model_dir}/builds; make one with "
+                              f"`kpface build {model_dir} --runtime {rt} --precision {p}`")
+                skipped.append({"stage": stage, "runtime": rt, "precision": p, "reason": reason})
         if not precisions and not any(r["runtime"] == rt for r in runnable) and rt != REFERENCE[0]:
             skipped.append({"stage": stage, "runtime": rt, "precision": None,
                             "reason": f"no {rt} build in {model_dir}/builds; make one with "
