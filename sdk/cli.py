@@ -29,7 +29,7 @@ def say(msg: str = "") -> None:
 def engine_names() -> list[str]:
     try:
         from kpface.runtimes.engines import ENGINES
-        return [e.name for e in ENGINES.values()] if isinstance(ENGINES, dict) else [e.name for e in ENGINES]
+        return [e.name for e in ENGINES]
     except ImportError:
         return ["onnxruntime"]
 

@@ -25,9 +25,6 @@ from .manifest import atomic_write_bytes, load_manifest
 
 log = logging.getLogger(__name__)
 
-STAGES = ("detector", "keypoints", "recognizer")
-
-
 def default_models_dir() -> Path:
     home = os.environ.get("KPFACE_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "kpface")
     return Path(home) / "models"
