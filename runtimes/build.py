@@ -30,6 +30,7 @@ import numpy as np
 
 import kpface
 from kpface.errors import AccuracyGateError, InputError, ModelError
+from kpface.postprocess import box_iou, row_cosines
 from kpface.manifest import (BUILD_MANIFEST_NAME, MANIFEST_NAME, load_manifest, read_json,
                              sha256_file, staging_dir, verify_files, write_manifest)
 
@@ -74,16 +75,6 @@ def _resolve_detector(detector: Any, model_dir: Path, threads: int | None):
     return det.detect
 
 
-def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a = a.reshape(len(a), -1).astype(np.float64)
-    b = b.reshape(len(b), -1).astype(np.float64)
-    den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-    same = np.all(a == b, axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        cos = np.where(den > 0, (a * b).sum(1) / np.where(den > 0, den, 1), same.astype(float))
-    return np.nan_to_num(cos, nan=-1.0)
-
-
 def embedding_agreement(ref: Session, cand: Session, faces, batch: int = 8,
                         output: str = "embedding") -> dict[str, Any]:
     """Cosine of ``cand``'s embeddings against ``ref``'s on ``faces`` (a FaceSet)."""
@@ -92,7 +83,7 @@ def embedding_agreement(ref: Session, cand: Session, faces, batch: int = 8,
     for feeds in faces.feeds(names, batch):
         a.append(ref.run(feeds)[output])
         b.append(cand.run(feeds)[output])
-    cos = _cosines(np.concatenate(a), np.concatenate(b))
+    cos = row_cosines(np.concatenate(a), np.concatenate(b))
     return {"n": int(len(cos)), "mean": float(cos.mean()), "min": float(cos.min()),
             "p01": float(np.percentile(cos, 1))}
 
@@ -102,7 +93,7 @@ def output_agreement(ref: Session, cand: Session, feeds_list: list[dict]) -> dic
     for feeds in feeds_list:
         r, c = ref.run(feeds), cand.run(feeds)
         for name in ref.output_names:
-            per.setdefault(name, []).append(_cosines(r[name], c[name]))
+            per.setdefault(name, []).append(row_cosines(r[name], c[name]))
     outs = {k: {"mean": float(np.concatenate(v).mean()), "min": float(np.concatenate(v).min())}
             for k, v in per.items()}
     return {"n": int(sum(len(f[next(iter(f))]) for f in feeds_list)), "outputs": outs,
@@ -127,14 +118,6 @@ def _detection_scenes() -> list[tuple[str, np.ndarray]]:
             ("coffee (no face)", cv2.cvtColor(skd.coffee(), cv2.COLOR_RGB2BGR))]
 
 
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    x1, y1 = max(a[0], b[0]), max(a[1], b[1])
-    x2, y2 = min(a[2], b[2]), min(a[3], b[3])
-    inter = max(0.0, x2 - x1) * max(0.0, y2 - y1)
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return float(inter / union) if union > 0 else 0.0
-
-
 def detection_agreement(model_dir: Path, candidates: dict[str, Session],
                         threads: int | None = None) -> dict[str, Any]:
     """Run the detector with its fp32 graphs and with ``candidates`` (graph name -> session) on
@@ -154,8 +137,9 @@ def detection_agreement(model_dir: Path, candidates: dict[str, Session],
         images.append(f"{name}: {len(r)} face(s)")
         used: set[int] = set()
         for face in r:
-            scores = [(_iou(face.box, o.box), k) for k, o in enumerate(c) if k not in used]
-            best, k = max(scores, default=(0.0, -1))
+            free = [k for k in range(len(c)) if k not in used]
+            overlap = box_iou(face.box, np.array([c[k].box for k in free]).reshape(-1, 4))
+            best, k = (float(overlap.max()), free[int(overlap.argmax())]) if free else (0.0, -1)
             if best < 0.5:
                 missed += 1
                 continue

@@ -45,6 +45,7 @@ import numpy as np
 
 from kpface.align import estimate_similarity, recognizer_inputs, template, transform_points
 from kpface.errors import InputError
+from kpface.image import to_bgr8
 from kpface.landmarks import ARCFACE_TEMPLATE_112
 
 log = logging.getLogger(__name__)
@@ -165,12 +166,8 @@ def align_crop(image_bgr: np.ndarray, landmarks: np.ndarray, size: int = 112,
 # --- sources -------------------------------------------------------------------------------
 
 def _to_bgr(img: np.ndarray, rgb: bool = True) -> np.ndarray:
-    if img.dtype != np.uint8:
-        img = np.clip(img * 255.0 if img.max() <= 1.0 else img, 0, 255).astype(np.uint8)
-    if img.ndim == 2:
-        return cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)
-    if img.shape[2] == 4:
-        img = img[:, :, :3]
+    """scikit-image sample (RGB, gray or float in [0, 1]) -> 8-bit BGR."""
+    img = to_bgr8(img, name="sample image")
     return img[:, :, ::-1].copy() if rgb else img
 
 

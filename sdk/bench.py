@@ -49,6 +49,7 @@ import numpy as np
 from .errors import EngineUnavailable, InputError, KpfaceError, ModelError
 from .manifest import (BUILD_MANIFEST_NAME, MANIFEST_NAME, atomic_write_bytes, atomic_write_text,
                        load_manifest, write_json)
+from .postprocess import box_iou, row_cosines
 
 log = logging.getLogger(__name__)
 
@@ -747,23 +748,6 @@ def latency_stats(samples_ms: Sequence[float]) -> dict[str, float]:
             "min": float(x.min()), "max": float(x.max()), "repeats": int(x.size)}
 
 
-def _cosine_rows(ref: np.ndarray, got: np.ndarray) -> np.ndarray:
-    ref = ref.reshape(ref.shape[0], -1).astype(np.float64)
-    got = got.reshape(got.shape[0], -1).astype(np.float64)
-    num = (ref * got).sum(1)
-    den = np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1)
-    return np.where(den > 0, num / np.maximum(den, 1e-300), 1.0)
-
-
-def _box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.clip(rb - lt, 0, None).prod(-1)
-    area = lambda x: np.clip(x[:, 2:] - x[:, :2], 0, None).prod(-1)  # noqa: E731
-    union = area(a)[:, None] + area(b)[None, :] - inter
-    return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
-
-
 def compare_to_reference(kind: str, ref: dict[str, np.ndarray], got: dict[str, np.ndarray]
                          ) -> dict[str, Any] | None:
     """Accuracy of one configuration's outputs against fp32 ONNX Runtime on the same inputs."""
@@ -772,7 +756,7 @@ def compare_to_reference(kind: str, ref: dict[str, np.ndarray], got: dict[str, n
         for name, r in ref.items():
             if name not in got or got[name].shape != r.shape:
                 return None
-            cos = _cosine_rows(r, got[name])
+            cos = row_cosines(r, got[name])
             out[f"{name}_cosine_mean"] = float(cos.mean())
             out[f"{name}_cosine_min"] = float(cos.min())
             if len(ref) == 1 or name == "embedding":
@@ -783,7 +767,7 @@ def compare_to_reference(kind: str, ref: dict[str, np.ndarray], got: dict[str, n
         res = {"source": "computed: detections vs onnxruntime fp32 on the bench scene",
                "faces_fp32": int(len(rb)), "faces": int(len(gb))}
         if len(rb) and len(gb):
-            res["box_iou_mean"] = float(_box_iou(rb, gb).max(1).mean())
+            res["box_iou_mean"] = float(np.mean([box_iou(box, gb).max() for box in rb]))
         return res
     if kind == "keypoints":
         d = np.linalg.norm(ref["landmarks"] - got["landmarks"], axis=1)

@@ -401,8 +401,9 @@ def load_detector(model_dir: str | os.PathLike, runtime: str = "onnxruntime",
 
 def load_keypoints(model_dir: str | os.PathLike, runtime: str = "onnxruntime",
                    precision: str = "fp32", threads: int | None = None,
-                   **kwargs) -> DFAKeypoints:
-    """Open an exported keypoint model directory (DFA)."""
-    manifest = load_manifest(model_dir, task="keypoints")
+                   manifest: dict | None = None, **kwargs) -> DFAKeypoints:
+    """Open an exported keypoint model directory (DFA); ``manifest``, if given, is its
+    already verified manifest."""
+    manifest = manifest or load_manifest(model_dir, task="keypoints")
     cls = _pick(_KEYPOINTS, manifest, model_dir, "keypoint model")
     return cls(model_dir, runtime, precision, threads, manifest=manifest, **kwargs)

@@ -119,14 +119,14 @@ class FacePipeline:
                                  precision=detector_precision, threads=threads)
         keypoints = None
         if use_keypoints and (root / "keypoints").is_dir():
-            kp_source = load_manifest(root / "keypoints", verify=False).get("source", {})
-            if kp_source.get("random_weights") and not allow_random_keypoints:
+            kp_manifest = load_manifest(root / "keypoints", task="keypoints")
+            if kp_manifest.get("source", {}).get("random_weights") and not allow_random_keypoints:
                 log.warning("keypoint model in %s has random weights; using the detector's "
                             "landmarks instead", root / "keypoints")
-                use_keypoints = False
-        if use_keypoints and (root / "keypoints").is_dir():
-            keypoints = load_keypoints(root / "keypoints", runtime=runtime,
-                                       precision=detector_precision, threads=threads)
+            else:
+                keypoints = load_keypoints(root / "keypoints", runtime=runtime,
+                                           precision=detector_precision, threads=threads,
+                                           manifest=kp_manifest)
         manifest = load_manifest(root / "recognizer", task="recognizer")
         recognizer = open_session(root / "recognizer", runtime=runtime, precision=precision,
                                   threads=threads, manifest=manifest)

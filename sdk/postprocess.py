@@ -89,6 +89,20 @@ def box_iou(box: np.ndarray, boxes: np.ndarray, mode: str = "union",
         return np.where(denom > 0, inter / np.where(denom > 0, denom, 1), 0.0)
 
 
+def row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine similarity of each row of ``a`` with the same row of ``b`` (float64).
+
+    A row whose norm is zero on either side scores 1 if the two rows are equal, else 0.
+    """
+    a = np.asarray(a).reshape(len(a), -1).astype(np.float64)
+    b = np.asarray(b).reshape(len(b), -1).astype(np.float64)
+    den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    same = np.all(a == b, axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cos = np.where(den > 0, (a * b).sum(1) / np.where(den > 0, den, 1), same.astype(float))
+    return np.nan_to_num(cos, nan=-1.0)
+
+
 def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float, mode: str = "union",
         offset: float = 0.0, max_keep: int | None = None) -> np.ndarray:
     """Greedy non-maximum suppression. Returns the kept indices, highest score first.

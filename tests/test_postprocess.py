@@ -68,3 +68,10 @@ def test_nms_min_mode_and_edge_cases():
     assert nms(BOXES, SCORES, 0.7, max_keep=2).tolist() == [3, 0]
     # A suppression needs overlap strictly above the threshold.
     assert nms(BOXES[[0, 3]], SCORES[[0, 3]], 0.5).tolist() == [1, 0]
+
+
+def test_row_cosines_against_hand_values():
+    from kpface.postprocess import row_cosines
+    a = np.array([[1.0, 0.0], [1.0, 1.0], [0.0, 0.0], [0.0, 0.0], [3.0, 4.0]])
+    b = np.array([[0.0, 2.0], [2.0, 2.0], [0.0, 0.0], [1.0, 0.0], [-3.0, -4.0]])
+    np.testing.assert_allclose(row_cosines(a, b), [0.0, 1.0, 1.0, 0.0, -1.0], atol=1e-12)
