@@ -146,6 +146,35 @@ def engine_table(check: bool = True) -> str:
     return markdown_table(check=check)
 
 
+def cpu_flags() -> set[str]:
+    """The CPU feature flags of this machine (Linux /proc/cpuinfo; empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.lower().startswith(("flags", "features")):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def int8_saturates() -> bool:
+    """True on x86 CPUs without VNNI (AVX2 / AVX-512F only).
+
+    Their int8 GEMM kernels multiply uint8 activations by int8 weights with ``vpmaddubsw``, whose
+    16-bit pair sums saturate; on such a CPU an 8-bit-weight vit_kprpe_tiny fell from cosine
+    0.9996 to 0.926 against fp32. Builds there use saturation-free schemes (ONNX Runtime: uint8
+    weights; OpenVINO: NNCF's overflow fix, 7-bit weights) and say so in build.json.
+    """
+    import platform
+    if platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"):
+        return False
+    flags = cpu_flags()
+    if not flags:
+        return False
+    return not ({"avx512_vnni", "avx_vnni", "amx_int8"} & flags)
+
+
 @contextlib.contextmanager
 def quiet(*loggers: str) -> Iterator[None]:
     """Silence an engine library that prints (progress bars, banners) or logs at INFO: library

@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 from kpface.errors import EngineUnavailable, InputError
 
-from .engines import quiet
+from .engines import int8_saturates, quiet
 from .session import OrtSession
 
 log = logging.getLogger(__name__)
@@ -236,6 +236,11 @@ def quantize_int8(src: Path, dst: Path, calibration, options: dict) -> dict[str,
             self._it = iter(calibration.feeds(input_names, batch=8))
 
     act = QuantType.QUInt8 if options.get("activation", "uint8") == "uint8" else QuantType.QInt8
+    # On x86 without VNNI, uint8 x int8 products saturate in 16 bits: use uint8 weights there
+    # (kpface.runtimes.engines.int8_saturates). options["weights"] overrides.
+    weights = options.get("weights") or ("uint8" if int8_saturates() and act == QuantType.QUInt8
+                                         else "int8")
+    wtype = QuantType.QUInt8 if weights == "uint8" else QuantType.QInt8
     with tempfile.TemporaryDirectory(prefix="kpface-ort-q-") as work:
         source = src
         if options.get("preprocess", True):
@@ -252,10 +257,10 @@ def quantize_int8(src: Path, dst: Path, calibration, options: dict) -> dict[str,
             str(source), str(dst), FaceReader(),
             quant_format=QuantFormat.QDQ, op_types_to_quantize=INT8_OP_TYPES,
             per_channel=bool(options.get("per_channel", True)), reduce_range=False,
-            activation_type=act, weight_type=QuantType.QInt8, nodes_to_exclude=exclude,
+            activation_type=act, weight_type=wtype, nodes_to_exclude=exclude,
             calibrate_method=methods[method],
             extra_options={"ActivationSymmetric": act == QuantType.QInt8,
-                           "WeightSymmetric": True,
+                           "WeightSymmetric": wtype == QuantType.QInt8,
                            "OpTypesToExcludeOutputQuantization":
                                [] if options.get("quantize_outputs", False) else INT8_OP_TYPES})
     q = onnx.load(str(dst))
@@ -263,8 +268,9 @@ def quantize_int8(src: Path, dst: Path, calibration, options: dict) -> dict[str,
     n_dq = sum(1 for n in q.graph.node if n.op_type == "DequantizeLinear")
     return {"method": "onnxruntime.quantization.quantize_static", "format": "QDQ",
             "activations": "uint8 asymmetric" if act == QuantType.QUInt8 else "int8 symmetric",
-            "weights": "int8 symmetric " + ("per-channel" if options.get("per_channel", True)
-                                            else "per-tensor"),
+            "weights": (f"{weights} " + ("symmetric " if weights == "int8" else "asymmetric ")
+                        + ("per-channel" if options.get("per_channel", True) else "per-tensor")),
+            "saturation_free": weights == "uint8" or not int8_saturates(),
             "calibration_method": method, "op_types": INT8_OP_TYPES,
             "attention_products": "int8" if options.get("quantize_attention") else "float",
             "float_nodes_kprpe": len(kprpe_nodes),

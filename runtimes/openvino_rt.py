@@ -25,7 +25,7 @@ import numpy as np
 
 from kpface.errors import EngineUnavailable, InputError, ModelError
 
-from .engines import quiet
+from .engines import int8_saturates, quiet
 from .session import default_threads
 
 log = logging.getLogger(__name__)
@@ -237,12 +237,17 @@ def _quantize(model, xml: Path, calibration, options: dict) -> dict[str, Any]:
     ignored += attention
     ignored_types = [] if options.get("quantize_attention", False) else ATTENTION_TYPES
     from nncf.quantization.advanced_parameters import (AdvancedQuantizationParameters,
-                                                       AdvancedSmoothQuantParameters)
+                                                       AdvancedSmoothQuantParameters,
+                                                       OverflowFix)
     # SmoothQuant (on by default for transformers) moved the worst held-out crop of a
     # vit_kprpe_small from cosine 0.995 to 0.943: off unless asked for.
     alpha = float(options.get("smooth_quant", -1))
+    # x86 CPUs without VNNI multiply u8 x s8 through 16-bit sums that saturate; 7-bit weights
+    # in every layer avoid that (measured on an AVX2-only EPYC: cosine 0.92 -> see README).
+    overflow = options.get("overflow_fix") or ("enable" if int8_saturates() else "first_layer")
     advanced = AdvancedQuantizationParameters(
-        smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=alpha))
+        smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=alpha),
+        overflow_fix=OverflowFix(overflow))
     items = list(calibration.feeds(input_names, batch=1))
     preset = (nncf.QuantizationPreset.MIXED if options.get("activation", "uint8") == "uint8"
               else nncf.QuantizationPreset.PERFORMANCE)
@@ -257,6 +262,6 @@ def _quantize(model, xml: Path, calibration, options: dict) -> dict[str, Any]:
     n_fq = sum(1 for op in quantized.get_ordered_ops() if op.get_type_name() == "FakeQuantize")
     return {"method": "nncf.quantize(model_type=TRANSFORMER)", "preset": str(preset.value),
             "weights": "int8 symmetric per-channel", "fake_quantize_nodes": n_fq,
-            "smooth_quant": alpha if alpha >= 0 else "off",
+            "smooth_quant": alpha if alpha >= 0 else "off", "overflow_fix": overflow,
             "attention_products": "int8" if options.get("quantize_attention") else "float",
             "float_nodes_kprpe": len(kprpe), "ignored_nodes": len(ignored)}
