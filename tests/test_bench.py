@@ -266,3 +266,23 @@ def test_bad_arguments(models, tmp_path):
         bench.run_bench(root, tmp_path, stages=["nope"])
     with pytest.raises(ModelError):
         bench.run_bench(tmp_path / "missing", tmp_path)
+
+
+def test_no_stand_in_inputs_without_real_photos(models_dir, tmp_path, monkeypatch):
+    """Without scikit-image's photos the bench has no real inputs: the rows they feed are
+    reported as not measured with the reason, never timed on random images."""
+    monkeypatch.setitem(sys.modules, "skimage", None)       # import skimage -> ImportError
+    monkeypatch.setitem(sys.modules, "skimage.data", None)
+    report = bench.run_bench(models_dir, tmp_path, stages=["detect", "embed"], batches=(1, 2),
+                             repeats=1, warmup=0, export_baselines=False, gemm_size=64,
+                             gemm_repeats=1, interleave=False)
+    rows = report["results"]
+    assert {r["stage"] for r in rows} == {"detect", "embed"}
+    for r in rows:
+        assert r["status"] == "skipped", r["id"]
+        assert "scikit-image" in r["reason"] and "latency_ms" not in r
+    assert any(r["runtime"] == "torch" for r in rows)
+    for key in ("scene", "recognizer_inputs"):
+        text = report["settings"][key]
+        assert text.startswith("not made") and "random" not in text and "noise" not in text
+    assert "not measured" in (tmp_path / "report.md").read_text().lower()

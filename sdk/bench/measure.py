@@ -13,7 +13,7 @@ from kpface.errors import InputError
 from .inputs import BenchInputs
 from .machine import numpy_blas
 from .plan import BenchConfig
-from .settings import Settings
+from .settings import Settings, Skip
 from .worker import Worker, spawn
 
 _TURN_PAUSE_S = 0.05                        # between two processes' turns in a round
@@ -91,8 +91,12 @@ class Measurer:
         try:
             for i, cfg in enumerate(group):
                 self.say(f"bench [{first + i}/{total}] {_label(cfg)}: opening")
-                w = Worker(cfg.job(), self.inputs.payload(cfg.inputs, cfg.batch),
-                           self.s.timeout_s)
+                try:
+                    payload = self.inputs.payload(cfg.inputs, cfg.batch)
+                except Skip as e:  # its inputs could not be made: not measured, and why
+                    rows[cfg.id] = self._row(cfg, "skipped", str(e))
+                    continue
+                w = Worker(cfg.job(), payload, self.s.timeout_s)
                 status, info = w.start()
                 if status != "ready":
                     w.close()
