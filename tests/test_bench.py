@@ -1,5 +1,5 @@
-"""kpface.bench / kpface.flops: report structure, percentiles, GEMM peak, FLOP counts, outputs,
-skipped runtimes. Speed is reported by the bench, never asserted here."""
+"""kpface.bench / kpface.bench.flops: report structure, percentiles, GEMM peak, FLOP counts,
+outputs, skipped runtimes. Speed is reported by the bench, never asserted here."""
 import copy
 import json
 import logging
@@ -10,7 +10,11 @@ import numpy as np
 import pytest
 
 from kpface import bench
-from kpface.flops import onnx_flops, vit_flops
+from kpface.bench import machine
+from kpface.bench.flops import onnx_flops, vit_flops
+from kpface.bench.report import write_outputs
+from kpface.bench.worker import Worker
+from kpface.errors import InputError, ModelError
 
 REPEATS = 3
 BATCHES = (1, 2)
@@ -218,14 +222,14 @@ def test_chart_skipped_without_matplotlib(run, tmp_path, monkeypatch, caplog):
     report, _, _ = run
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
     with caplog.at_level(logging.WARNING, logger="kpface.bench"):
-        files = bench._write_outputs(copy.deepcopy(report), tmp_path)
+        files = write_outputs(copy.deepcopy(report), tmp_path)
     assert files["chart"] is None and not (tmp_path / bench.CHART_NAME).exists()
     assert (tmp_path / "report.md").is_file() and "matplotlib" in caplog.text
 
 
 def test_skips_without_baseline_or_torch(models, tmp_path, monkeypatch):
     root, _ = models
-    monkeypatch.setattr(bench, "_torch_available", lambda: (False, "torch is not installed"))
+    monkeypatch.setattr(machine, "torch_available", lambda: (False, "torch is not installed"))
     report = bench.run_bench(root, tmp_path, stages=["embed"], batches=(1,), repeats=2,
                              warmup=0, export_baselines=False, gemm_size=128, gemm_repeats=2,
                              interleave=False)
@@ -246,7 +250,7 @@ def test_failing_configuration_is_reported_not_raised(models, tmp_path):
            "arch": "vit_kprpe_tiny", "model_dir": str(broken), "runtime": "onnxruntime",
            "precision": "fp32", "batch": 1, "kind": "session", "threads": 1, "repeats": 1,
            "warmup": 0}
-    w = bench._Worker(cfg, {}, timeout_s=120)
+    w = Worker(cfg, {}, timeout_s=120)
     try:
         status, reason = w.start()
     finally:
@@ -256,9 +260,29 @@ def test_failing_configuration_is_reported_not_raised(models, tmp_path):
 
 def test_bad_arguments(models, tmp_path):
     root, _ = models
-    with pytest.raises(bench.InputError):
+    with pytest.raises(InputError):
         bench.run_bench(root, tmp_path, repeats=0)
-    with pytest.raises(bench.InputError):
+    with pytest.raises(InputError):
         bench.run_bench(root, tmp_path, stages=["nope"])
-    with pytest.raises(bench.ModelError):
+    with pytest.raises(ModelError):
         bench.run_bench(tmp_path / "missing", tmp_path)
+
+
+def test_no_stand_in_inputs_without_real_photos(models_dir, tmp_path, monkeypatch):
+    """Without scikit-image's photos the bench has no real inputs: the rows they feed are
+    reported as not measured with the reason, never timed on random images."""
+    monkeypatch.setitem(sys.modules, "skimage", None)       # import skimage -> ImportError
+    monkeypatch.setitem(sys.modules, "skimage.data", None)
+    report = bench.run_bench(models_dir, tmp_path, stages=["detect", "embed"], batches=(1, 2),
+                             repeats=1, warmup=0, export_baselines=False, gemm_size=64,
+                             gemm_repeats=1, interleave=False)
+    rows = report["results"]
+    assert {r["stage"] for r in rows} == {"detect", "embed"}
+    for r in rows:
+        assert r["status"] == "skipped", r["id"]
+        assert "scikit-image" in r["reason"] and "latency_ms" not in r
+    assert any(r["runtime"] == "torch" for r in rows)
+    for key in ("scene", "recognizer_inputs"):
+        text = report["settings"][key]
+        assert text.startswith("not made") and "random" not in text and "noise" not in text
+    assert "not measured" in (tmp_path / "report.md").read_text().lower()

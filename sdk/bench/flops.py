@@ -7,14 +7,19 @@ for a ViT they are well under 1% of the total.
 
 :func:`onnx_flops` needs the ``onnx`` package (part of the ``export`` extra); the SDK itself
 does not, so :func:`vit_flops` counts the same thing from the ``config`` a recognizer's
-manifest records.
+manifest records. :func:`add_flops` gives the bench's recognizer rows their FLOPs and the
+fraction of the GEMM peak they reach.
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 import os
-from typing import Any, Mapping
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+from .builds import manifest_or_none
 
 log = logging.getLogger(__name__)
 
@@ -178,3 +183,52 @@ def vit_flops(config: Mapping[str, Any], batch: int = 1) -> dict[str, Any]:
         k = int(config.get("num_keypoints", 5))
         total += 2 * n * 2 * k * KPRPE_BUCKETS * int(config["num_heads"]) * depth
     return {"flops": int(total * batch), "method": "ViT config"}
+
+
+def _flops_for(model_dir: str, manifest: dict | None, batches: Iterable[int]
+               ) -> dict[int, dict[str, Any]]:
+    """FLOPs per batch: the ONNX graph when onnx is installed, else the ViT config."""
+    out: dict[int, dict[str, Any]] = {}
+    path = Path(model_dir) / (manifest or {}).get("graphs", {}).get("model", {}).get(
+        "file", "model.onnx")
+    model = None
+    if importlib.util.find_spec("onnx") is not None and path.is_file():
+        try:
+            import onnx
+            model = onnx.load(str(path))
+        except Exception as e:
+            log.warning("bench: cannot load %s for FLOP counting (%s)", path, e)
+    for b in batches:
+        try:
+            if model is not None:
+                r = onnx_flops(model, {"batch": b})
+                out[b] = {"flops": r["flops"], "method": r["method"], "by_op": r["by_op"],
+                          "unresolved_nodes": len(r["unknown"])}
+                continue
+        except Exception as e:
+            log.warning("bench: ONNX FLOP count of %s failed (%s)", path, e)
+        cfg = (manifest or {}).get("config")
+        if cfg and "embed_dim" in cfg:
+            out[b] = vit_flops(cfg, b)
+    return out
+
+
+def add_flops(rows: list[dict[str, Any]], peak_gflops: float | None, batches: Iterable[int],
+              say: Callable[[str], None]) -> None:
+    """``flops``, ``gflops_achieved`` and ``fraction_of_peak`` of each measured embed row."""
+    cache: dict[str, dict[int, dict]] = {}
+    for r in rows:
+        if r["stage"] != "embed" or r["status"] != "ok":
+            continue
+        key = r["model_dir"]
+        if key not in cache:
+            say(f"bench: counting FLOPs of {r['model']} ({r['arch']})")
+            cache[key] = _flops_for(key, manifest_or_none(Path(key)), batches)
+        f = cache[key].get(r["batch"])
+        if not f:
+            continue
+        r["flops"] = {"per_batch": f["flops"], "per_item": f["flops"] / r["batch"],
+                      "method": f["method"]}
+        achieved = f["flops"] / (r["latency_ms"]["p50"] / 1e3) / 1e9
+        r["gflops_achieved"] = achieved
+        r["fraction_of_peak"] = achieved / peak_gflops if peak_gflops else None

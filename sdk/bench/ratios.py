@@ -1,0 +1,112 @@
+"""Ratios between rows of the same run (medians only, so a noisy machine hurts them least).
+
+:data:`RATIOS` lists them; each takes the measured rows, the plan and the settings and returns
+``{ratio name: entry}``, an entry being ``{"status": "ok", ...}`` or ``{"status": "skipped",
+"reason": ...}``. A new ratio is one more function in that list.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from .plan import Plan
+from .settings import Settings
+
+Entries = dict[str, dict[str, Any]]
+
+# kprpe_overhead is measured on these engines (runtime -> ratio name), at fp32.
+OVERHEAD_RUNTIMES = {"onnxruntime": "kprpe_overhead"}
+
+
+def _ratio(num: float | None, den: float | None) -> float | None:
+    if num is None or den is None or den <= 0:
+        return None
+    return num / den
+
+
+def p50(rows: list[dict], **match) -> float | None:
+    """The p50 latency of the first measured row whose fields equal ``match``."""
+    for r in rows:
+        if r.get("status") == "ok" and all(r.get(k) == v for k, v in match.items()):
+            return r["latency_ms"]["p50"]
+    return None
+
+
+def kprpe_overhead(rows: list[dict], plan: Plan, s: Settings) -> Entries:
+    """KP-RPE ViT p50 / the same ViT without KP-RPE, per batch, on each overhead runtime."""
+    from kpface.runtimes.engines import get_engine
+    pair = plan.overhead
+    out: Entries = {}
+    for runtime, name in OVERHEAD_RUNTIMES.items():
+        if pair is None:
+            out[name] = {"status": "skipped",
+                         "reason": plan.overhead_skip or "the embed stage was not run"}
+            continue
+        by_batch = {str(b): _ratio(
+            p50(rows, stage="embed", model=pair["kprpe"], runtime=runtime, precision="fp32",
+                batch=b),
+            p50(rows, stage="embed", model=pair["plain"], runtime=runtime, precision="fp32",
+                batch=b)) for b in s.batches}
+        ok = any(v is not None for v in by_batch.values())
+        out[name] = {
+            "status": "ok" if ok else "skipped", "by_batch": by_batch,
+            "numerator": f"{pair['kprpe']} ({pair['models'][0][2].get('arch')})",
+            "denominator": f"{pair['plain']} ({pair['models'][1][2].get('arch')})",
+            "definition": "p50 latency of the KP-RPE ViT / p50 latency of the same ViT without "
+                          f"KP-RPE, {get_engine(runtime).title} fp32",
+            **({} if ok else {"reason": "a latency of the pair is missing (see errors)"})}
+    return out
+
+
+def int8_speedup(rows: list[dict], plan: Plan, s: Settings) -> Entries:
+    """fp32 p50 / int8 p50 of the recognizer per runtime with an int8 build, at batch 8 (or
+    the largest batch)."""
+    big = 8 if 8 in s.batches else max(s.batches)
+    out: Entries = {}
+    runtimes = sorted({r["runtime"] for r in rows if r.get("stage") == "embed"
+                       and r.get("model") == "recognizer" and r.get("precision") == "int8"})
+    for rt in runtimes:
+        fp32 = p50(rows, stage="embed", model="recognizer", runtime=rt, precision="fp32",
+                   batch=big)
+        int8 = p50(rows, stage="embed", model="recognizer", runtime=rt, precision="int8",
+                   batch=big)
+        if fp32 is None or int8 is None:
+            out[f"int8_speedup_{rt}"] = {"status": "skipped", "reason":
+                                         f"needs both {rt} fp32 and int8 at batch {big}"}
+            continue
+        out[f"int8_speedup_{rt}"] = {"status": "ok", "batch": big, "value": fp32 / int8,
+                                     "definition": f"{rt} fp32 p50 / {rt} int8 p50"}
+    if not runtimes:
+        out["int8_speedup"] = {"status": "skipped",
+                               "reason": "no int8 recognizer build was measured"}
+    return out
+
+
+def ort_vs_torch(rows: list[dict], plan: Plan, s: Settings) -> Entries:
+    """ONNX Runtime fp32 p50 / torch eager p50 of the recognizer, per batch."""
+    torch_ok, why = plan.torch or (False, "the embed stage was not run")
+    if not torch_ok:
+        return {"ort_vs_torch": {"status": "skipped", "reason": why}}
+    by_batch = {str(b): _ratio(
+        p50(rows, stage="embed", model="recognizer", runtime="onnxruntime", precision="fp32",
+            batch=b),
+        p50(rows, stage="embed", model="recognizer", runtime="torch", batch=b))
+        for b in s.batches}
+    ok = any(v is not None for v in by_batch.values())
+    torch_rows = [r for r in rows if r.get("runtime") == "torch"]
+    return {"ort_vs_torch": {
+        "status": "ok" if ok else "skipped", "by_batch": by_batch,
+        "definition": f"ONNX Runtime fp32 p50 / torch eager p50 (torch.set_num_threads("
+                      f"{s.threads})); < 1 means ONNX Runtime is faster",
+        **({} if ok else {"reason": "; ".join(str(r.get("reason")) for r in torch_rows)
+                          or "no torch row"})}}
+
+
+RATIOS: tuple[Callable[[list[dict], Plan, Settings], Entries], ...] = (
+    kprpe_overhead, int8_speedup, ort_vs_torch)
+
+
+def ratios(rows: list[dict], plan: Plan, s: Settings) -> Entries:
+    out: Entries = {}
+    for ratio in RATIOS:
+        out.update(ratio(rows, plan, s))
+    return out
