@@ -326,7 +326,7 @@ def parse_dnn(data: bytes, stack: Sequence[str], name: str = "dlib file") -> Dli
     def state_tensor(what: str) -> None:
         net.state_floats += r.tensor(what).size
 
-    def read(i: int) -> None:  # the wrapper at stack position i (1-based over kinds)
+    def read(i: int) -> None:  # the wrapper kinds[i] (stack[i + 1])
         kind, label = kinds[i], stack[i + 1]
         over_input = i == len(kinds) - 1
         if kind in STRUCTURAL:

@@ -139,3 +139,23 @@ def test_wrong_file_is_refused(tmp_path):
                                         "shape_predictor_5_face_landmarks"), "rb").read(4096))
     with pytest.raises(CheckpointError, match="shape_predictor.dat"):
         load_weights(DlibResNet(), other, arch="dlib_resnet_v1")
+
+
+def test_every_layer_setting_is_checked_against_the_model():
+    """A file whose layers parse but whose settings differ from the torch model (a stride,
+    a pooling size, the input means) is refused, naming the layer."""
+    from kpface.export.dlib_dat import read_dnn
+    from kpface.export.dlib_resnet import dlib_stack, net_to_state_dict
+    path = require_package()
+    assert len(net_to_state_dict(read_dnn(path, dlib_stack()))) == 117
+    for layer_index, key, value, message in [(0, "stride_y", 1, "conv: stride_y = 1"),
+                                             (3, "nr", 2, "pooling layers"),
+                                             (-1, "num_outputs", 64, "fc: num_outputs = 64")]:
+        net = read_dnn(path, dlib_stack())
+        net.layers[layer_index].config[key] = value
+        with pytest.raises(CheckpointError, match=message):
+            net_to_state_dict(net)
+    net = read_dnn(path, dlib_stack())
+    net.input["avg_red"] = 128.0
+    with pytest.raises(CheckpointError, match="input means"):
+        net_to_state_dict(net)
