@@ -15,6 +15,9 @@ $(STAMP): setup.cfg pyproject.toml
 	# ours and it imports torchvision, so it is installed without dependencies and never
 	# imported: kpface reads the three .pt files through importlib.metadata.
 	$(PIP) install -q --no-deps facenet-pytorch==2.6.0
+	# dlib's ResNet face descriptor (dlib_resnet_v1) ships in this sdist of model files (~100 MB,
+	# no dependencies); kpface reads the .dat through importlib.metadata and never imports it.
+	$(PIP) install -q face-recognition-models==0.3.0
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -73,7 +73,10 @@ def _describe(keys: list[str], limit: int = 8) -> str:
 def load_weights(model: nn.Module, path: str | os.PathLike, remap=None,
                  strict: bool = True, arch: str | None = None) -> dict:
     """Load ``path`` into ``model``; returns a description for the manifest."""
-    state, meta = read_state_dict(path)
+    # A module may read its own foreign format (dlib_resnet_v1: dlib's .dat); None = not mine.
+    foreign = getattr(model, "read_foreign_checkpoint", None)
+    got = foreign(path) if foreign is not None else None
+    state, meta = got if got is not None else read_state_dict(path)
     if arch and meta.get("arch") and meta["arch"] != arch:
         raise CheckpointError(f"{path} holds weights for {meta['arch']!r}, not {arch!r}; "
                               f"pass --arch {meta['arch']}")

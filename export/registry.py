@@ -78,7 +78,7 @@ def _load_all() -> None:
     # Importing an architecture module registers its configurations (once per process).
     global _LOADED
     from . import vit  # noqa: F401
-    for optional in ("retinaface", "mtcnn", "dfa"):
+    for optional in ("retinaface", "mtcnn", "dfa", "dlib_resnet"):
         try:
             __import__(f"{__package__}.{optional}")
         except ModuleNotFoundError as e:  # an architecture file not written yet

@@ -190,8 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("task", choices=TASKS)
     e.add_argument("--arch", help="architecture (default: recognizer vit_kprpe_small, detector "
                    "mtcnn, keypoints dfa_mnet025); see `kpface export TASK --list`")
-    e.add_argument("--weights", help="checkpoint: CVLface model.pt, HF model.safetensors or "
-                   "kpface .safetensors (default: packaged weights, else RANDOM)")
+    e.add_argument("--weights", help="checkpoint: CVLface model.pt, HF model.safetensors, "
+                   "kpface .safetensors or (dlib_resnet_v1) dlib .dat (default: packaged "
+                   "weights, else RANDOM)")
     e.add_argument("--out", help="output model directory (default: ./ARCH)")
     e.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 17; default 17)")
     e.add_argument("--no-strict", action="store_true",
