@@ -97,7 +97,8 @@ def bilinear(img, x, y):
 
 
 def ref_tokens(image, points):
-    """Section 2.4: token k, feature (8a + b)*3 + c = channel c at (x_k + a - 4.5, y_k + b - 4.5)."""
+    """Section 2.4: token k, feature (8a + b)*3 + c = channel c at (x_k + a - 4.5,
+    y_k + b - 4.5)."""
     image, points = image.double().numpy(), points.double().numpy()
     out = np.zeros((image.shape[0], 196, 192))
     for n in range(image.shape[0]):
