@@ -7,6 +7,7 @@ Pickles are read with ``weights_only=True``, so a pickle that carries code is re
 """
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import pickle
@@ -34,7 +35,10 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     if path.suffix == ".safetensors" or (len(head) == 8 and head[:2] != b"PK" and head[0] != 0x80):
         return _read_safetensors(path)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        # Training checkpoints often keep their argparse options beside the weights; a
+        # Namespace is a plain attribute bag, so weights_only loading may rebuild it.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path} was refused: it is not a plain dict of tensors "
@@ -44,9 +48,29 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
                               f"({type(e).__name__}: {str(e)[:160]}); is it truncated?") from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
+    obj = _nested_state_dicts(obj)
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path} does not hold a dict of tensors")
     return dict(obj), {}
+
+
+def _nested_state_dicts(obj):
+    """A training checkpoint ({"teacher": {...}, "student": {...}, "epoch": 3, ...}) -> its
+    tensors, those of nested dicts of tensors under their entry's name ("teacher.<key>"); other
+    entries (counters, options, optimizer state) are left out. An architecture's remap decides
+    what to do with the prefixes. Anything else is returned unchanged."""
+    if not isinstance(obj, dict) or all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return obj
+    nested = {name: sd for name, sd in obj.items() if isinstance(sd, dict) and sd
+              and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items())}
+    if not nested:
+        return obj
+    out = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    left_out = [str(k) for k, v in obj.items() if k not in nested and k not in out]
+    log.info("checkpoint holds several entries: kept the tensor dicts %s, left out %s",
+             ", ".join(nested), ", ".join(left_out) or "nothing")
+    out.update({f"{name}.{k}": v for name, sd in nested.items() for k, v in sd.items()})
+    return out
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 import kpface
-from kpface.errors import KpfaceError
+from kpface.errors import InputError, KpfaceError
 from kpface.manifest import staging_dir, write_manifest
 
 from . import registry
@@ -38,11 +38,30 @@ class ParityError(KpfaceError):
     """The exported graph does not reproduce the torch module."""
 
 
+def resolve_options(spec: registry.ArchSpec, options: dict[str, str] | None) -> dict[str, str]:
+    """The architecture's export options with defaults filled in; unknown names or values
+    are refused with the list of accepted ones."""
+    options = dict(options or {})
+    accepted = "; ".join(f"{k}={'|'.join(v)}" for k, v in spec.options.items()) or "none"
+    unknown = sorted(set(options) - set(spec.options))
+    if unknown:
+        raise InputError(f"{spec.name} has no export option {', '.join(unknown)}; "
+                         f"it accepts: {accepted}")
+    resolved = {}
+    for name, allowed in spec.options.items():
+        value = str(options.get(name, allowed[0]))
+        if value not in allowed:
+            raise InputError(f"export option {name}={value} is not accepted by {spec.name}; "
+                             f"choose {name}={'|'.join(allowed)}")
+        resolved[name] = value
+    return resolved
+
+
 def build_model(arch: str, weights: str | os.PathLike | None = None, strict: bool = True,
-                task: str | None = None):
+                task: str | None = None, options: dict[str, str] | None = None):
     """Return (spec, eval-mode module, source description for the manifest)."""
     spec = registry.get(arch, task)
-    model = spec.factory().eval()
+    model = spec.factory(**resolve_options(spec, options)).eval()
     if weights is None and spec.packaged_weights is not None:
         weights = spec.packaged_weights()
     if isinstance(weights, dict):
@@ -153,8 +172,12 @@ def constants_to_initializers(path: Path, module: torch.nn.Module, min_size: int
 def export_model(arch: str, out_dir: str | os.PathLike, weights: str | os.PathLike | None = None,
                  opset: int = DEFAULT_OPSET, strict: bool = True, task: str | None = None,
                  check: bool = True, progress: Callable[[str], None] | None = None,
-                 save_weights: bool = False) -> dict[str, Any]:
+                 save_weights: bool = False, options: dict[str, str] | None = None
+                 ) -> dict[str, Any]:
     """Export ``arch`` into ``out_dir`` (model.onnx + manifest.json); return the manifest.
+
+    ``options``: the architecture's export options (``ArchSpec.options``, e.g. Part fViT's
+    ``sampling``); the values used, defaults included, are recorded as ``export_options``.
 
     ``save_weights`` also stores the torch weights as ``weights.safetensors`` (listed in the
     manifest as ``torch_weights``), for engines that convert from torch (Core ML) when the
@@ -165,7 +188,9 @@ def export_model(arch: str, out_dir: str | os.PathLike, weights: str | os.PathLi
     say = progress or (lambda msg: log.info("%s", msg))
     if opset < 17:
         raise KpfaceError(f"opset {opset} is too old: LayerNormalization needs opset >= 17")
-    spec, model, source = build_model(arch, weights, strict=strict, task=task)
+    spec = registry.get(arch, task)
+    options = resolve_options(spec, options)
+    spec, model, source = build_model(arch, weights, strict=strict, task=task, options=options)
     out_dir = Path(out_dir)
     graphs_meta: dict[str, Any] = {}
     parity: dict[str, Any] = {}
@@ -208,6 +233,7 @@ def export_model(arch: str, out_dir: str | os.PathLike, weights: str | os.PathLi
             "onnx_version": onnx.__version__,
             "graphs": graphs_meta,
             **spec.manifest,
+            **({"export_options": options} if options else {}),
             "source": source,
             "parity": parity,
             "export_seconds": round(time.perf_counter() - t_start, 2),

@@ -59,6 +59,9 @@ class ArchSpec:
     # Path of real weights shipped by an installed package, if there is one; or, for weights
     # split over several files, {submodule name: path} (each loaded into that submodule).
     packaged_weights: Callable[[], str | dict[str, str]] | None = None
+    # Export-time choices {name: allowed values}, the first value the default; ``factory``
+    # receives the chosen values as keyword arguments and the manifest records them.
+    options: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 _ARCHS: dict[str, ArchSpec] = {}
@@ -78,7 +81,7 @@ def _load_all() -> None:
     # Importing an architecture module registers its configurations (once per process).
     global _LOADED
     from . import vit  # noqa: F401
-    for optional in ("retinaface", "mtcnn", "dfa", "dlib_resnet"):
+    for optional in ("retinaface", "mtcnn", "dfa", "dlib_resnet", "part_fvit"):
         try:
             __import__(f"{__package__}.{optional}")
         except ModuleNotFoundError as e:  # an architecture file not written yet

@@ -44,9 +44,15 @@ def cmd_export(args) -> int:
                           "pip install 'kpface[export]'") from None
     arch = args.arch or DEFAULT_ARCH[args.task]
     out = Path(args.out or arch)
+    options = {}
+    for item in args.option or []:
+        name, sep, value = item.partition("=")
+        if not sep or not name or not value:
+            raise InputError(f"--option {item!r} is not NAME=VALUE (e.g. --option sampling=gather)")
+        options[name] = value
     manifest = export_model(arch, out, weights=args.weights, opset=args.opset,
                             strict=not args.no_strict, task=args.task, progress=say,
-                            save_weights=args.save_weights)
+                            save_weights=args.save_weights, options=options)
     print(f"exported {arch} to {out}/ in {manifest['export_seconds']:.1f} s")
     for name, g in manifest["graphs"].items():
         line = f"  {g['file']}: {g['bytes'] / 1e6:.1f} MB"
@@ -190,9 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("task", choices=TASKS)
     e.add_argument("--arch", help="architecture (default: recognizer vit_kprpe_small, detector "
                    "mtcnn, keypoints dfa_mnet025); see `kpface export TASK --list`")
-    e.add_argument("--weights", help="checkpoint: CVLface model.pt, HF model.safetensors, "
-                   "kpface .safetensors or (dlib_resnet_v1) dlib .dat (default: packaged "
-                   "weights, else RANDOM)")
+    e.add_argument("--weights", help="checkpoint: CVLface model.pt, HF model.safetensors, LAFS "
+                   "Part fViT .pth, dlib .dat (dlib_resnet_v1) or kpface .safetensors (default: "
+                   "packaged weights, else RANDOM)")
     e.add_argument("--out", help="output model directory (default: ./ARCH)")
     e.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 17; default 17)")
     e.add_argument("--no-strict", action="store_true",
@@ -200,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--save-weights", action="store_true",
                    help="also store the torch weights (weights.safetensors): CoreML builds "
                    "convert from torch and need them when the weights are random")
+    e.add_argument("--option", action="append", metavar="NAME=VALUE",
+                   help="an export option of the architecture (repeatable), e.g. "
+                   "sampling=gather for part_fvit; `--list` shows what each accepts")
     e.add_argument("--list", action="store_true", help="list the architectures of TASK and exit")
     e.set_defaults(func=cmd_export)
 
@@ -267,7 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
 def list_archs(task: str) -> int:
     from kpface.export.registry import archs
     for name, spec in sorted(archs(task).items()):
-        print(f"{name:20s} {spec.description}")
+        options = "".join(f" [--option {k}={'|'.join(v)}]" for k, v in spec.options.items())
+        print(f"{name:20s} {spec.description}{options}")
     return 0
 
 
