@@ -1,0 +1,218 @@
+"""Bulk enrolment on Ray: detection and embedding of a photo folder with Ray Data.
+
+    with ray_session("auto"):                       # or None: a local Ray instance
+        summary = enroll_with_ray("photos/", gallery, models_dir="models/", workers=4)
+
+The folder's images (:func:`kpface.enrolment.list_enrolment`: label = first sub-folder) become a
+Ray Dataset of paths; ``map_batches`` runs :class:`EmbedWorker`, a callable class, on a fixed
+pool of actors, so each worker opens ONE :class:`~kpface.pipeline.FacePipeline` (one engine
+session per stage) and reuses it for every batch. Results stream back to the driver as they are
+ready and are added to the gallery in chunks (:func:`kpface.enrolment.enroll`); images that
+cannot be read or show no face are reported, never fatal.
+
+On a real cluster every node reads the images and the models directory by the paths the driver
+gives, so both must be on storage all nodes see at the same path (NFS, a shared volume), and
+every node needs the same kpface (``pip install 'kpface[cluster]'``).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from .enrolment import (EnrolItem, EnrolResult, EnrolSummary, Progress, check_gallery, embed_item,
+                        enroll, list_enrolment)
+from .errors import EngineUnavailable, InputError, KpfaceError, ModelError
+
+log = logging.getLogger(__name__)
+
+LOOPBACK = "127.0.0.1"
+LOCAL = "local"  # the address meaning "start a Ray instance on this machine"
+ACTOR_START_TIMEOUT_S = 600
+
+
+def import_ray():
+    try:
+        import ray
+        import ray.data  # noqa: F401  (Ray Data needs pyarrow, part of the extra)
+    except ImportError as e:
+        raise EngineUnavailable(f"the cluster path needs Ray ({e.name} is missing): "
+                                "pip install 'kpface[cluster]'") from None
+    return ray
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None = None, num_cpus: int | None = None,
+                object_store_mb: int | None = None, progress: Progress | None = None):
+    """Connect to Ray for the duration of the block.
+
+    ``address`` None or ``"local"``: start a Ray instance on this machine (loopback only, no
+    dashboard) and stop it on exit. Any other address (``"auto"``, ``HOST:PORT``,
+    ``ray://HOST:PORT``) connects to that cluster and only disconnects on exit. If Ray is
+    already initialised in this process, that session is used and left running.
+    """
+    ray = import_ray()
+    if ray.is_initialized():
+        yield ray
+        return
+    local = address in (None, "", LOCAL)
+    kwargs: dict = {"include_dashboard": False, "configure_logging": False,
+                    "log_to_driver": log.isEnabledFor(logging.DEBUG)}
+    if local:
+        kwargs.update(address=LOCAL, num_cpus=num_cpus, _node_ip_address=LOOPBACK)
+        if object_store_mb:
+            kwargs["object_store_memory"] = int(object_store_mb) << 20
+    else:
+        kwargs["address"] = address
+    if progress:
+        progress("starting a local Ray instance" if local else f"connecting to Ray at {address}")
+    try:
+        ray.init(**kwargs)
+    except (ConnectionError, ValueError, RuntimeError) as e:
+        where = "start a local Ray instance" if local else f"connect to Ray at {address}"
+        hint = "" if local else " (check the address, or start one with `ray start --head`)"
+        raise KpfaceError(f"could not {where}: {str(e).splitlines()[0][:200]}{hint}") from None
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+class EmbedWorker:
+    """Ray Data callable class: one FacePipeline per actor, opened once, used for every batch.
+
+    A batch is a dict of numpy columns ``path``, ``label``, ``id``; the output adds
+    ``embedding`` [N, D] float32 (zeros where ``error`` is non-empty), ``faces`` and ``worker``.
+    """
+
+    def __init__(self, models_dir: str, threads: int = 1, runtime: str = "onnxruntime",
+                 precision: str = "fp32", use_keypoints: bool = True):
+        from .pipeline import FacePipeline
+        self.pipe = FacePipeline.from_dir(models_dir, runtime=runtime, precision=precision,
+                                          threads=threads, use_keypoints=use_keypoints)
+        self.size = int(self.pipe.manifest.get("embedding_size", 512))
+        self.worker = _worker_name()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(batch["path"])
+        emb = np.zeros((n, self.size), np.float32)
+        errors, faces, seconds = [], np.zeros(n, np.int32), np.zeros(n, np.float64)
+        for i, (path, label, id_) in enumerate(zip(batch["path"], batch["label"], batch["id"])):
+            t = time.perf_counter()
+            r = embed_item(self.pipe, EnrolItem(str(path), str(label), str(id_)), self.worker)
+            seconds[i] = time.perf_counter() - t
+            faces[i] = r.faces
+            errors.append(r.error or "")
+            if r.ok:
+                emb[i] = r.embedding
+        return {"path": batch["path"], "label": batch["label"], "id": batch["id"],
+                "embedding": emb, "faces": faces, "error": np.array(errors, dtype=object),
+                "seconds": seconds, "worker": np.array([self.worker] * n, dtype=object)}
+
+
+def _worker_name() -> str:
+    try:
+        import ray
+        node = ray.get_runtime_context().get_node_id()[:8]
+    except Exception:  # not inside Ray (a direct call in a test)
+        node = "local"
+    return f"{node}/{os.getpid()}"
+
+
+def _check_models(models_dir) -> str:
+    if models_dir is None:
+        from .pipeline import default_models_dir
+        models_dir = default_models_dir()
+    root = Path(models_dir).expanduser().resolve()
+    for stage in ("detector", "recognizer"):
+        if not (root / stage).is_dir():
+            raise ModelError(f"{root} has no {stage}/ model; export one with "
+                             f"`kpface export {stage} --out {root / stage}`")
+    return str(root)
+
+
+def embed_ray(items: Sequence[EnrolItem], models_dir: str | os.PathLike | None = None,
+              workers: int | None = None, threads: int = 1, batch_size: int = 4,
+              runtime: str = "onnxruntime", precision: str = "fp32",
+              use_keypoints: bool = True) -> Iterator[EnrolResult]:
+    """Embed ``items`` on the connected Ray cluster; yields results as they are ready (in no
+    particular order). Needs an open :func:`ray_session`.
+
+    ``workers`` actors (default: as many as the cluster's CPUs allow at ``threads`` each) each
+    reserve ``threads`` CPUs and run their engines with that many threads.
+    """
+    ray = import_ray()
+    if not ray.is_initialized():
+        raise KpfaceError("embed_ray needs a Ray session: use `with ray_session(...):`")
+    if threads < 1 or batch_size < 1:
+        raise InputError(f"threads and batch_size must be >= 1, got {threads} and {batch_size}")
+    if not items:
+        return
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    if workers is None:
+        workers = max(1, min(len(items), cpus // threads))
+    if workers < 1:
+        raise InputError(f"workers must be >= 1, got {workers}")
+    if workers * threads > cpus:
+        raise InputError(f"{workers} worker(s) x {threads} thread(s) need {workers * threads} "
+                         f"CPUs; the cluster has {cpus}: lower --workers or --threads")
+    import ray.data as rd
+    blocks = max(1, min(math.ceil(len(items) / batch_size), 100_000))
+    ds = rd.from_items([asdict(i) for i in items], override_num_blocks=blocks)
+    ds = ds.map_batches(
+        EmbedWorker, batch_size=batch_size, batch_format="numpy", num_cpus=threads,
+        compute=rd.ActorPoolStrategy(size=workers),
+        fn_constructor_kwargs={"models_dir": _check_models(models_dir), "threads": threads,
+                               "runtime": runtime, "precision": precision,
+                               "use_keypoints": use_keypoints})
+    ctx = ds.context  # this dataset's own copy of the DataContext
+    ctx.enable_progress_bars = False  # progress goes through kpface's own callback
+    ctx.print_on_execution_start = log.isEnabledFor(logging.DEBUG)
+    # Start every worker (each opens its pipeline) before handing out batches, so the work is
+    # spread over all of them from the first batch on.
+    ctx.wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
+    log.info("ray: %d image(s) in %d block(s) on %d worker(s) x %d thread(s)", len(items),
+             blocks, workers, threads)
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            for i in range(len(batch["id"])):
+                err = str(batch["error"][i])
+                yield EnrolResult(id=str(batch["id"][i]), label=str(batch["label"][i]),
+                                  path=str(batch["path"][i]), faces=int(batch["faces"][i]),
+                                  embedding=None if err else np.array(batch["embedding"][i]),
+                                  error=err or None, worker=str(batch["worker"][i]))
+    except Exception as e:
+        cause = getattr(e, "cause", None)
+        if isinstance(cause, KpfaceError):  # e.g. a ModelError raised by a worker
+            raise type(cause)(str(cause)) from None
+        if isinstance(e, KpfaceError):
+            raise
+        raise KpfaceError(f"the Ray enrolment failed: {type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:300]}") from e
+
+
+def enroll_with_ray(folder: str | os.PathLike, gallery, models_dir: str | os.PathLike | None = None,
+                    address: str | None = None, workers: int | None = None, threads: int = 1,
+                    batch_size: int = 4, chunk: int = 256, progress: Progress | None = None,
+                    **pipeline_options) -> EnrolSummary:
+    """``kpface gallery enroll DIR --ray [ADDRESS]``: embed ``folder`` on Ray and add the rows
+    to ``gallery`` (anything with ``add(ids, embeddings, labels=None)``) on the driver."""
+    check_gallery(gallery)
+    items = list_enrolment(folder)
+    models = _check_models(models_dir)
+    if progress:
+        progress(f"enrolling {len(items)} image(s) from {folder} with Ray")
+    with ray_session(address, progress=progress):
+        start = time.perf_counter()
+        summary = enroll(embed_ray(items, models, workers=workers, threads=threads,
+                                   batch_size=batch_size, **pipeline_options),
+                         gallery, total=len(items), chunk=chunk, progress=progress)
+        summary.seconds = time.perf_counter() - start
+    return summary
