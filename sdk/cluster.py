@@ -30,12 +30,14 @@ import numpy as np
 from .enrolment import (EnrolItem, EnrolResult, EnrolSummary, Progress, check_gallery, embed_item,
                         enroll, list_enrolment)
 from .errors import EngineUnavailable, InputError, KpfaceError, ModelError
+from .manifest import load_manifest
 
 log = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
 LOCAL = "local"  # the address meaning "start a Ray instance on this machine"
 ACTOR_START_TIMEOUT_S = 600
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
 def import_ray():
@@ -46,6 +48,34 @@ def import_ray():
         raise EngineUnavailable(f"the cluster path needs Ray ({e.name} is missing): "
                                 "pip install 'kpface[cluster]'") from None
     return ray
+
+
+@contextlib.contextmanager
+def _loopback_only(active: bool):
+    """Make the Ray instance started meanwhile use 127.0.0.1 only, not the host's address.
+
+    Ray picks every node, driver and worker address with ``get_node_ip_address``, and rewrites
+    a given 127.0.0.1 (``_node_ip_address`` too) to the host's routable address, unless its
+    single-machine mode is on: ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, read once at import
+    into ``ray_constants.ENABLE_RAY_CLUSTER``. So both are set while ``ray.init`` runs: the
+    variable for the processes it starts (GCS, raylet, and the workers the raylet spawns
+    inherit it), the constant for this process (Ray is pinned, see setup.cfg).
+    """
+    if not active:
+        yield
+        return
+    from ray._private import ray_constants
+    saved_env, saved_const = os.environ.get(LOOPBACK_ENV), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[LOOPBACK_ENV] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_const
+        if saved_env is None:
+            os.environ.pop(LOOPBACK_ENV, None)
+        else:
+            os.environ[LOOPBACK_ENV] = saved_env
 
 
 @contextlib.contextmanager
@@ -74,7 +104,8 @@ def ray_session(address: str | None = None, num_cpus: int | None = None,
     if progress:
         progress("starting a local Ray instance" if local else f"connecting to Ray at {address}")
     try:
-        ray.init(**kwargs)
+        with _loopback_only(local):
+            ray.init(**kwargs)
     except (ConnectionError, ValueError, RuntimeError) as e:
         where = "start a local Ray instance" if local else f"connect to Ray at {address}"
         hint = "" if local else " (check the address, or start one with `ray start --head`)"
@@ -131,10 +162,12 @@ def _check_models(models_dir) -> str:
         from .pipeline import default_models_dir
         models_dir = default_models_dir()
     root = Path(models_dir).expanduser().resolve()
-    for stage in ("detector", "recognizer"):
-        if not (root / stage).is_dir():
+    for stage in ("detector", "keypoints", "recognizer"):
+        if stage != "keypoints" and not (root / stage).is_dir():
             raise ModelError(f"{root} has no {stage}/ model; export one with "
                              f"`kpface export {stage} --out {root / stage}`")
+        if (root / stage).is_dir():  # hashes checked here, before any worker starts
+            load_manifest(root / stage, task=stage)
     return str(root)
 
 

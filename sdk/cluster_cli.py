@@ -76,6 +76,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise EngineUnavailable(f"kpface serve needs Ray Serve ({e.name} is missing): "
                                 "pip install 'kpface[cluster]'") from None
     _quiet_ray(args.debug)
+    kserve.check_address("127.0.0.1", args.port)
     models = str(args.models or default_models_dir())
     app = kserve.build_app(models, threads=args.threads, gallery=args.gallery,
                            replicas=args.replicas, max_batch_size=args.max_batch,

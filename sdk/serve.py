@@ -86,11 +86,20 @@ class Recognizer:
         self.stage = EmbedStage(models_dir, threads=threads, **options)
         self.embed_batch.set_max_batch_size(max_batch_size)
         self.embed_batch.set_batch_wait_timeout_s(batch_wait_s)
+        self.counts = {"requests": 0, "batches": 0, "largest": 0}
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.002)
     async def embed_batch(self, requests: list[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
+        c = self.counts
+        c["requests"] += len(requests)
+        c["batches"] += 1
+        c["largest"] = max(c["largest"], len(requests))
         # In a thread, so requests that arrive meanwhile queue up for the next batch.
         return await asyncio.to_thread(self.stage.embed_many, requests)
+
+    def stats(self) -> dict[str, int]:
+        """Requests embedded, batches run and the largest batch (in requests) so far."""
+        return dict(self.counts)
 
     async def __call__(self, crops: np.ndarray, points: np.ndarray) -> np.ndarray:
         return await self.embed_batch((crops, points))
@@ -228,14 +237,18 @@ def build_app(models_dir: str, threads: int = 1, gallery: str | None = None,
         det, rec, info, gallery_path=gallery, gallery_opener=gallery_opener)
 
 
-def start(app, port: int = DEFAULT_PORT, host: str = "127.0.0.1") -> str:
-    """Start Serve's HTTP proxy on ``host:port`` (head node only) and deploy ``app``; returns
-    the base URL. Only loopback hosts are accepted."""
+def check_address(host: str, port: int) -> None:
     if host not in ("127.0.0.1", "localhost", "::1"):
         raise InputError(f"kpface serve listens on loopback only (127.0.0.1), not {host}; put a "
                          "reverse proxy in front of it to expose it")
     if not 0 < port < 65536:
         raise InputError(f"port must be from 1 to 65535, got {port}")
+
+
+def start(app, port: int = DEFAULT_PORT, host: str = "127.0.0.1") -> str:
+    """Start Serve's HTTP proxy on ``host:port`` (head node only) and deploy ``app``; returns
+    the base URL. Only loopback hosts are accepted."""
+    check_address(host, port)
     serve.start(http_options={"host": host, "port": port}, proxy_location="HeadOnly")
     try:
         serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
