@@ -134,18 +134,16 @@ class EmbedWorker:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["path"])
         emb = np.zeros((n, self.size), np.float32)
-        errors, faces, seconds = [], np.zeros(n, np.int32), np.zeros(n, np.float64)
+        errors, faces, times = [], np.zeros(n, np.int32), np.zeros((n, 2), np.float64)
         for i, (path, label, id_) in enumerate(zip(batch["path"], batch["label"], batch["id"])):
-            t = time.perf_counter()
             r = embed_item(self.pipe, EnrolItem(str(path), str(label), str(id_)), self.worker)
-            seconds[i] = time.perf_counter() - t
-            faces[i] = r.faces
+            faces[i], times[i] = r.faces, (r.seconds, r.finished)
             errors.append(r.error or "")
             if r.ok:
                 emb[i] = r.embedding
         return {"path": batch["path"], "label": batch["label"], "id": batch["id"],
                 "embedding": emb, "faces": faces, "error": np.array(errors, dtype=object),
-                "seconds": seconds, "worker": np.array([self.worker] * n, dtype=object)}
+                "times": times, "worker": np.array([self.worker] * n, dtype=object)}
 
 
 def _worker_name() -> str:
@@ -220,7 +218,9 @@ def embed_ray(items: Sequence[EnrolItem], models_dir: str | os.PathLike | None =
                 yield EnrolResult(id=str(batch["id"][i]), label=str(batch["label"][i]),
                                   path=str(batch["path"][i]), faces=int(batch["faces"][i]),
                                   embedding=None if err else np.array(batch["embedding"][i]),
-                                  error=err or None, worker=str(batch["worker"][i]))
+                                  error=err or None, worker=str(batch["worker"][i]),
+                                  seconds=float(batch["times"][i][0]),
+                                  finished=float(batch["times"][i][1]))
     except Exception as e:
         cause = getattr(e, "cause", None)
         if isinstance(cause, KpfaceError):  # e.g. a ModelError raised by a worker

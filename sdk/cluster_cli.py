@@ -123,11 +123,12 @@ def add_parsers(sub) -> None:
     s.add_argument("--gallery", help="gallery file that POST /identify searches")
     s.add_argument("--threads", type=int, default=1, help="engine threads per replica (1)")
     s.add_argument("--replicas", type=int, default=1,
-                   help="replicas of the detector and of the recognizer (1)")
+                   help="replicas of the detector (the HTTP ingress) and of the recognizer (1)")
     s.add_argument("--max-batch", type=int, default=8,
                    help="requests per recognizer batch (@serve.batch, 8)")
-    s.add_argument("--batch-wait-ms", type=float, default=2.0,
-                   help="how long the recognizer waits to fill a batch (2 ms)")
+    s.add_argument("--batch-wait-ms", type=float, default=0.0,
+                   help="how long the recognizer waits to fill a batch (0: it batches the "
+                   "requests that queued while it was busy)")
     s.add_argument("--no-keypoints", action="store_true",
                    help="use the detector's landmarks even if a keypoint model exists")
     s.set_defaults(func=cmd_serve)

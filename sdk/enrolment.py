@@ -55,6 +55,8 @@ class EnrolResult:
     faces: int = 0
     error: str | None = None
     worker: str = ""  # where it ran ("local", or a Ray node id prefix and pid)
+    seconds: float = 0.0  # time spent on this image (load, detect, embed)
+    finished: float = 0.0  # time.time() when it was done, on the worker's clock
 
     @property
     def ok(self) -> bool:
@@ -103,20 +105,21 @@ def embed_item(pipe, item: EnrolItem, worker: str = "local") -> EnrolResult:
     A bad image or a photo without a face becomes a result with ``error`` set; other errors
     (a broken model, a bug) propagate.
     """
+    start = time.perf_counter()
     result = EnrolResult(id=item.id, label=item.label, path=item.path, worker=worker)
     try:
-        image = load_image(item.path)
+        faces = pipe(load_image(item.path))
     except InputError as e:
         result.error = str(e)
-        return result
-    faces = pipe(image)
+        faces = []
     result.faces = len(faces)
-    if not faces:
+    if not faces and result.error is None:
         result.error = f"{item.path}: no face found"
-        return result
     if len(faces) > 1:
         log.info("%s: %d faces, enrolling the largest", item.path, len(faces))
-    result.embedding = np.asarray(choose_face(faces).embedding, np.float32)
+    if faces:
+        result.embedding = np.asarray(choose_face(faces).embedding, np.float32)
+    result.seconds, result.finished = time.perf_counter() - start, time.time()
     return result
 
 

@@ -1,21 +1,24 @@
 """``kpface serve``: the face pipeline as a Ray Serve application, HTTP JSON on 127.0.0.1.
 
-Three deployments: ``detector`` (decode, detect, align: :class:`~kpface.serving.DetectStage`),
-``recognizer`` (:class:`~kpface.serving.EmbedStage`; requests are batched with ``@serve.batch``,
-so the faces of concurrent requests go through the recognizer in one call) and ``kpface``, the
-HTTP ingress that calls the two through deployment handles.
+Two deployments: ``detector``, the HTTP ingress, decodes the image, detects and aligns the faces
+(:class:`~kpface.serving.DetectStage`, in a worker thread) and hands the crops to
+``recognizer`` (:class:`~kpface.serving.EmbedStage`), which batches requests with
+``@serve.batch``: the faces of requests that arrive while it is busy go through the recognizer
+in one call. Detection being the ingress saves a hop (and moving the image between processes):
+each hop between Serve processes costs milliseconds.
 
-Endpoints (JSON bodies; images are the file's bytes, base64-encoded, in ``"image"``)::
+Endpoints (JSON bodies with the image file's bytes base64-encoded in ``"image"``; or the file
+itself as the body, with ``Content-Type: image/...`` and ``k`` in the query string)::
 
     POST /embed     {"image": B64}          -> {"faces": [{box, score, landmarks, embedding}],
-                                                "models": {stage: {arch, weights}}}
+                                                "models": {stage: {arch, weights}}, "ms": ...}
     POST /identify  {"image": B64, "k": 5}  -> faces with "candidates" [{id, score}] from
                                                gallery.search and "match" from gallery.identify
     GET  /health                            -> {"status": "ok", "gallery": rows or null}
     GET  /                                  -> the models and endpoints
 
 A bad request gets a 4xx status and ``{"error": "one line"}``. The gallery for ``/identify`` is
-the one given at start (``--gallery G``), opened once per ingress replica.
+the one given at start (``--gallery G``), opened once per detector replica.
 """
 from __future__ import annotations
 
@@ -66,29 +69,16 @@ def resolve(spec: str | Callable) -> Callable:
     return obj
 
 
-@serve.deployment(name="detector")
-class Detector:
-    def __init__(self, models_dir: str, threads: int = 1, **options):
-        self.stage = DetectStage(models_dir, threads=threads, **options)
-
-    def __call__(self, data: bytes) -> dict[str, Any]:
-        """Runs in the replica's thread pool. Bad image bytes come back as ``{"error": ...}``."""
-        try:
-            return self.stage(data)
-        except InputError as e:
-            return {"error": str(e)}
-
-
 @serve.deployment(name="recognizer")
 class Recognizer:
     def __init__(self, models_dir: str, threads: int = 1, max_batch_size: int = 8,
-                 batch_wait_s: float = 0.002, **options):
+                 batch_wait_s: float = 0.0, **options):
         self.stage = EmbedStage(models_dir, threads=threads, **options)
         self.embed_batch.set_max_batch_size(max_batch_size)
         self.embed_batch.set_batch_wait_timeout_s(batch_wait_s)
         self.counts = {"requests": 0, "batches": 0, "largest": 0}
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.002)
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
     async def embed_batch(self, requests: list[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
         c = self.counts
         c["requests"] += len(requests)
@@ -105,11 +95,15 @@ class Recognizer:
         return await self.embed_batch((crops, points))
 
 
-@serve.deployment(name=APP_NAME)
-class Ingress:
-    def __init__(self, detector, recognizer, info: dict, gallery_path: str | None = None,
-                 gallery_opener: str | Callable = GALLERY_OPENER):
-        self.detector, self.recognizer, self.info = detector, recognizer, info
+@serve.deployment(name="detector")
+class Detector:
+    """The HTTP ingress and the detection stage; embeds through the recognizer's handle."""
+
+    def __init__(self, recognizer, models_dir: str, info: dict, threads: int = 1,
+                 gallery_path: str | None = None,
+                 gallery_opener: str | Callable = GALLERY_OPENER, **options):
+        self.stage = DetectStage(models_dir, threads=threads, **options)
+        self.recognizer, self.info = recognizer, info
         # One thread owns the gallery (SQLite connections belong to the thread that opened them).
         self._gallery_thread = concurrent.futures.ThreadPoolExecutor(1, "kpface-gallery")
         self.gallery = None
@@ -146,9 +140,11 @@ class Ingress:
 
     async def index(self, request: Request) -> dict:
         return {"models": self.info, "gallery": self.gallery is not None,
-                "endpoints": {"POST /embed": {"image": "base64 of an image file"},
-                              "POST /identify": {"image": "base64 of an image file",
-                                                 "k": "candidates per face, 1-100 (default 5)"},
+                "endpoints": {"POST /embed": {"image": "base64 of an image file (or the file "
+                                              "as the body, Content-Type image/...)"},
+                              "POST /identify": {"image": "as for /embed",
+                                                 "k": "candidates per face, 1-100 (default 5; "
+                                                 "?k= with a file body)"},
                               "GET /health": {}}}
 
     async def health(self, request: Request) -> dict:
@@ -163,6 +159,13 @@ class Ingress:
         raw = await request.body()
         if len(raw) > MAX_BODY_BYTES:
             raise HttpError(413, f"the request body is over {MAX_BODY_BYTES} bytes")
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype.startswith("image/") or ctype == "application/octet-stream":
+            # The file itself as the body (a third smaller than base64 in JSON); k in the query.
+            k = request.query_params.get("k")
+            if k is not None and not k.isdigit():
+                raise InputError(f"k must be an integer from 1 to 100, got {k!r}")
+            return raw, {} if k is None else {"k": int(k)}
         try:
             req = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -182,9 +185,8 @@ class Ingress:
         return data, req
 
     async def _faces(self, data: bytes) -> tuple[list, np.ndarray]:
-        det = await self.detector.remote(data)
-        if "error" in det:
-            raise HttpError(400, det["error"])
+        # In a thread: the event loop keeps taking requests (and health checks) meanwhile.
+        det = await asyncio.to_thread(self.stage, data)  # InputError -> 400
         faces = det["faces"]
         if not faces:
             return [], np.zeros((0, 0), np.float32)
@@ -219,22 +221,25 @@ class Ingress:
 
 def build_app(models_dir: str, threads: int = 1, gallery: str | None = None,
               replicas: int = 1, cpus_per_replica: float | None = None,
-              max_batch_size: int = 8, batch_wait_ms: float = 2.0,
+              max_batch_size: int = 8, batch_wait_ms: float = 0.0,
               gallery_opener: str | Callable = GALLERY_OPENER, use_keypoints: bool = True,
               **pipeline_options):
-    """The bound application: detector and recognizer deployments behind the ingress."""
+    """The bound application: the detector (HTTP ingress) in front of the recognizer.
+
+    ``batch_wait_ms`` 0 batches what queued up while the recognizer was busy, and adds no
+    wait to a lone request; a longer wait forms larger batches at a light load.
+    """
     if threads < 1 or replicas < 1 or max_batch_size < 1 or batch_wait_ms < 0:
         raise InputError("threads, replicas and max batch size must be >= 1, the batch wait >= 0")
     cpus = float(threads if cpus_per_replica is None else cpus_per_replica)
     opts = {"num_replicas": replicas, "ray_actor_options": {"num_cpus": cpus}}
-    det = Detector.options(**opts).bind(models_dir, threads=threads,
-                                        use_keypoints=use_keypoints, **pipeline_options)
     rec = Recognizer.options(**opts).bind(models_dir, threads=threads,
                                           max_batch_size=max_batch_size,
                                           batch_wait_s=batch_wait_ms / 1e3, **pipeline_options)
     info = stages_info(models_dir, use_keypoints=use_keypoints)
-    return Ingress.options(ray_actor_options={"num_cpus": 0}).bind(
-        det, rec, info, gallery_path=gallery, gallery_opener=gallery_opener)
+    return Detector.options(**opts).bind(rec, models_dir, info, threads=threads,
+                                         gallery_path=gallery, gallery_opener=gallery_opener,
+                                         use_keypoints=use_keypoints, **pipeline_options)
 
 
 def check_address(host: str, port: int) -> None:

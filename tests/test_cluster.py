@@ -306,6 +306,25 @@ def test_serve_embed_equals_direct_call(served, models_dir, photos):
     assert status == 200 and out["faces"] == []
 
 
+def test_serve_takes_the_file_as_the_body(served, photos):
+    path = photos / "eileen" / "1.png"
+    _, as_json = post(served + "/embed", {"image": b64(path)})
+    req = urllib.request.Request(served + "/identify?k=1", data=path.read_bytes(), method="POST",
+                                 headers={"Content-Type": "image/png"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        out = json.loads(r.read())
+    assert len(out["faces"][0]["candidates"]) == 1
+    assert out["faces"][0]["box"] == as_json["faces"][0]["box"]
+    req = urllib.request.Request(served + "/embed", data=path.read_bytes(), method="POST",
+                                 headers={"Content-Type": "application/octet-stream"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        assert json.loads(r.read())["faces"][0]["embedding"] == as_json["faces"][0]["embedding"]
+    req.full_url = served + "/identify?k=two"
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=60)
+    assert e.value.code == 400 and "k must be" in json.loads(e.value.read())["error"]
+
+
 def test_serve_identify(served, photos):
     status, out = post(served + "/identify", {"image": b64(photos / "eileen" / "0.png"), "k": 2})
     assert status == 200 and len(out["faces"]) == 1
