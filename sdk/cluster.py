@@ -120,7 +120,8 @@ class EmbedWorker:
     """Ray Data callable class: one FacePipeline per actor, opened once, used for every batch.
 
     A batch is a dict of numpy columns ``path``, ``label``, ``id``; the output adds
-    ``embedding`` [N, D] float32 (zeros where ``error`` is non-empty), ``faces`` and ``worker``.
+    ``embedding`` [N, D] float32 (zeros where ``error`` is non-empty), ``error``, ``faces``,
+    ``times`` [N, 2] (seconds spent, time.time() when done) and ``worker``.
     """
 
     def __init__(self, models_dir: str, threads: int = 1, runtime: str = "onnxruntime",

@@ -45,7 +45,8 @@ def make_folder(root: Path, n: int) -> Path:
     return root
 
 
-def scaling(models_dir: str, n_images: int = 48, rounds: int = 2, progress=print) -> dict:
+def scaling(models_dir: str, n_images: int = 48, rounds: int = 2, batch_size: int = 4,
+            progress=print) -> dict:
     from .cluster import embed_ray, ray_session
     with tempfile.TemporaryDirectory(prefix="kpface-bench-") as tmp:
         items = list_enrolment(make_folder(Path(tmp), n_images))
@@ -55,7 +56,7 @@ def scaling(models_dir: str, n_images: int = 48, rounds: int = 2, progress=print
                 for workers in (1, 2):
                     t0 = time.perf_counter()
                     results = list(embed_ray(items, models_dir, workers=workers, threads=1,
-                                             batch_size=1))
+                                             batch_size=batch_size))
                     wall = time.perf_counter() - t0
                     window = (max(x.finished for x in results)
                               - min(x.finished - x.seconds for x in results))
@@ -66,7 +67,7 @@ def scaling(models_dir: str, n_images: int = 48, rounds: int = 2, progress=print
                     progress(f"round {r + 1}, {workers} worker(s): {runs[workers][-1]}")
     med = {w: statistics.median(x["window_s"] for x in runs[w]) for w in runs}
     wall = {w: statistics.median(x["wall_s"] for x in runs[w]) for w in runs}
-    return {"images": n_images, "runs": runs,
+    return {"images": n_images, "batch_size": batch_size, "runs": runs,
             "images_per_s": {w: round(n_images / med[w], 2) for w in med},
             "speedup_window": round(med[1] / med[2], 3),
             "speedup_wall": round(wall[1] / wall[2], 3)}
@@ -137,6 +138,7 @@ def main(argv=None) -> int:
     ap.add_argument("--models", required=True, help="models directory")
     ap.add_argument("--images", type=int, default=48, help="photos for the scaling run (48)")
     ap.add_argument("--rounds", type=int, default=2, help="alternating rounds (2)")
+    ap.add_argument("--batch-size", type=int, default=4, help="images per Ray batch (4)")
     ap.add_argument("--requests", type=int, default=40, help="HTTP requests (40)")
     ap.add_argument("--only", choices=("scaling", "serve"), help="run one of the two")
     ap.add_argument("--out", help="write the figures to this JSON file")
@@ -144,7 +146,7 @@ def main(argv=None) -> int:
     say = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     report = {}
     if args.only in (None, "scaling"):
-        report["scaling"] = scaling(args.models, args.images, args.rounds, say)
+        report["scaling"] = scaling(args.models, args.images, args.rounds, args.batch_size, say)
     if args.only in (None, "serve"):
         report["serve"] = serve_overhead(args.models, args.requests, progress=say)
     text = json.dumps(report, indent=2)
