@@ -111,12 +111,14 @@ def serve_overhead(models_dir: str, n_requests: int = 40, port: int = 8765,
                 return time.perf_counter() - t
             for _ in range(3):  # warm up every path
                 direct(), http(False), http(True), health()
-            d, h, hr, inner, empty = [], [], [], [], []
+            d, h, hr, inner, empty, det, emb = [], [], [], [], [], [], []
             for _ in range(n_requests):  # interleaved, so load changes hit all alike
                 d.append(direct()[0])
                 t, out = http(False)
                 h.append(t)
-                inner.append(out["ms"] / 1e3)
+                inner.append(out["ms"]["total"] / 1e3)
+                det.append(out["ms"]["detect"] / 1e3)
+                emb.append(out["ms"]["embed"] / 1e3)
                 hr.append(http(True)[0])
                 empty.append(health())
         finally:
@@ -125,7 +127,8 @@ def serve_overhead(models_dir: str, n_requests: int = 40, port: int = 8765,
     p90 = lambda xs: round(sorted(xs)[int(0.9 * (len(xs) - 1))] * 1e3, 2)  # noqa: E731
     res = {"requests": n_requests, "image_bytes": len(data), "direct_ms": ms(d),
            "http_json_ms": ms(h), "http_file_ms": ms(hr), "direct_p90_ms": p90(d),
-           "http_json_p90_ms": p90(h), "server_ms": ms(inner), "health_ms": ms(empty),
+           "http_json_p90_ms": p90(h), "server_ms": ms(inner), "server_detect_ms": ms(det),
+           "server_embed_ms": ms(emb), "health_ms": ms(empty),
            "overhead_json_ms": round(ms(h) - ms(d), 2),
            "overhead_file_ms": round(ms(hr) - ms(d), 2)}
     progress(f"serve: {res}")
