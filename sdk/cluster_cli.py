@@ -8,8 +8,11 @@ Errors are :class:`~kpface.errors.KpfaceError`; ``kpface.cli.main`` turns them i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import signal
 import sys
+import threading
 import time
 
 log = logging.getLogger(__name__)
@@ -27,6 +30,22 @@ def _quiet_ray(debug: bool) -> None:
         logging.getLogger("ray").setLevel(logging.WARNING)
         logging.getLogger("ray.serve").setLevel(logging.WARNING)
         logging.getLogger("ray.data").setLevel(logging.ERROR)  # "progress bars disabled"
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """Ray's own SIGTERM handler ends the driver at once and leaves a local instance's agents
+    running; inside this block SIGTERM raises KeyboardInterrupt, so cleanup code runs."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+    if threading.current_thread() is not threading.main_thread():  # only main can catch
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 # -- gallery enroll --ray -----------------------------------------------------------------------
@@ -50,17 +69,22 @@ def enroll_ray(args: argparse.Namespace, gallery) -> int:
     ``args.threads`` (default 1 per worker), ``args.batch_size``; prints the summary and the
     skipped images; returns the exit code.
     """
-    from .cluster import enroll_with_ray
     _quiet_ray(getattr(args, "debug", False))
-    summary = enroll_with_ray(args.dir, gallery, models_dir=getattr(args, "models", None),
-                              address=None if args.ray == LOCAL else args.ray,
-                              workers=getattr(args, "workers", None),
-                              threads=getattr(args, "threads", None) or 1,
-                              batch_size=getattr(args, "batch_size", 4), progress=_say)
+    with _sigterm_as_interrupt():
+        summary = _enroll(args, gallery)
     for r in summary.failed:
         _say(f"skipped: {r.error}")
     print(f"{summary.line()} on {len(summary.workers)} Ray worker(s)")
     return 0
+
+
+def _enroll(args: argparse.Namespace, gallery):
+    from .cluster import enroll_with_ray
+    return enroll_with_ray(args.dir, gallery, models_dir=getattr(args, "models", None),
+                              address=None if args.ray == LOCAL else args.ray,
+                              workers=getattr(args, "workers", None),
+                              threads=getattr(args, "threads", None) or 1,
+                           batch_size=getattr(args, "batch_size", 4), progress=_say)
 
 
 # -- serve --------------------------------------------------------------------------------------
@@ -82,11 +106,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
                            replicas=args.replicas, max_batch_size=args.max_batch,
                            batch_wait_ms=args.batch_wait_ms,
                            use_keypoints=not args.no_keypoints)
-    with ray_session(args.ray, progress=_say):
-        url = kserve.start(app, port=args.port)
-        print(f"serving {models} at {url} (POST /embed, POST /identify, GET /health); "
-              "Ctrl-C stops it", flush=True)
+    with ray_session(args.ray, progress=_say), _sigterm_as_interrupt():
         try:
+            url = kserve.start(app, port=args.port)
+            print(f"serving {models} at {url} (POST /embed, POST /identify, GET /health); "
+                  "Ctrl-C stops it", flush=True)
             while True:
                 time.sleep(3600)
         except KeyboardInterrupt:
@@ -97,6 +121,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 from ray import serve
                 serve.shutdown()
     return 0
+
+
 
 
 # -- export-triton ------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import ray  # extra 'cluster'
 from ray.cluster_utils import Cluster
 
 from kpface.cluster import LOOPBACK_ENV, enroll_with_ray
-from test_cluster import (StandInGallery, assert_stopped, descendants, free_port,  # noqa: I100
+from test_cluster import (StandInGallery, assert_stopped, descendants, free_port,
                           local_embeddings, make_photos, post)
 
 # Ray's own deprecation notices (pydantic fields, Ray Data settings) are not ours to fix.
