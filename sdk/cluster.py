@@ -100,6 +100,7 @@ def ray_session(address: str | None = None, num_cpus: int | None = None,
         if object_store_mb:
             kwargs["object_store_memory"] = int(object_store_mb) << 20
     else:
+        _probe(address)
         kwargs["address"] = address
     if progress:
         progress("starting a local Ray instance" if local else f"connecting to Ray at {address}")
@@ -114,6 +115,22 @@ def ray_session(address: str | None = None, num_cpus: int | None = None,
         yield ray
     finally:
         ray.shutdown()
+
+
+def _probe(address: str, timeout_s: float = 5.0) -> None:
+    """Fail fast when nothing listens at a ``HOST:PORT`` (or ``ray://HOST:PORT``) address:
+    ``ray.init`` would keep retrying for minutes. ``auto`` is left to Ray."""
+    import socket
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        if address != "auto":
+            raise InputError(f"Ray address {address!r} is not HOST:PORT, ray://HOST:PORT or auto")
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise KpfaceError(f"nothing answers at {address} ({e.strerror or e}); check the address, "
+                          "or start a cluster with `ray start --head`") from None
 
 
 class EmbedWorker:

@@ -3,6 +3,7 @@ one CPU each, both on 127.0.0.1): enrolment spreads over both nodes and gives th
 path's embeddings; a served request crosses nodes (detector on one, recognizer on the other)."""
 import base64
 import json
+import time
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ import ray  # extra 'cluster'
 from ray.cluster_utils import Cluster
 
 from kpface.cluster import LOOPBACK_ENV, enroll_with_ray
+from kpface.errors import InputError, KpfaceError
 from test_cluster import (StandInGallery, assert_stopped, descendants, free_port,
                           local_embeddings, make_photos, post)
 
@@ -92,3 +94,15 @@ def test_request_crosses_nodes(cluster, models_dir, photos):
     want = direct(load_image(image))[0].embedding
     assert np.abs(np.array(out["faces"][0]["embedding"]) - want).max() <= 1e-5
     assert json.dumps(out["models"])  # the weights blocks travel too
+
+
+def test_unreachable_ray_address_fails_fast(photos, models_dir):
+    assert not ray.is_initialized()  # else the open session would be used
+    port = free_port()  # nothing listens there
+    t = time.perf_counter()
+    with pytest.raises(KpfaceError, match=f"nothing answers at 127.0.0.1:{port}"):
+        enroll_with_ray(photos, StandInGallery(), models_dir=models_dir,
+                        address=f"127.0.0.1:{port}")
+    with pytest.raises(InputError, match="is not HOST:PORT"):
+        enroll_with_ray(photos, StandInGallery(), models_dir=models_dir, address="nowhere")
+    assert time.perf_counter() - t < 60  # not Ray's minutes of retries
