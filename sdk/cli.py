@@ -13,6 +13,7 @@ import traceback
 from pathlib import Path
 
 from . import __version__
+from .cluster_cli import add_parsers as add_cluster_parsers
 from .errors import InputError, KpfaceError
 
 log = logging.getLogger("kpface")
@@ -270,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="show a model directory's manifest (and verify its hashes)")
     i.add_argument("model_dir")
     i.set_defaults(func=cmd_info)
+    add_cluster_parsers(sub)  # serve, export-triton
     return p
 
 

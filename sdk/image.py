@@ -66,14 +66,20 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
         data = path.read_bytes()
     except OSError as e:
         raise InputError(f"{path}: cannot be read ({e.strerror})") from None
+    return decode_image(data, name=str(path))
+
+
+def decode_image(data: bytes, name: str = "image") -> np.ndarray:
+    """Decode an encoded image (PNG, JPEG, ... file bytes) as HxWx3 uint8 BGR; raise
+    InputError naming the problem (``name`` says which image in the message)."""
     if not data:
-        raise InputError(f"{path}: the file is empty")
+        raise InputError(f"{name}: the file is empty")
     if _jpeg_is_truncated(data):
-        raise InputError(f"{path}: the JPEG is truncated (no end marker); re-copy the file")
+        raise InputError(f"{name}: the JPEG is truncated (no end marker); re-copy the file")
     image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if image is None:
-        raise InputError(f"{path}: not a readable image (corrupt, truncated or unsupported format)")
-    return to_bgr8(image, name=str(path))
+        raise InputError(f"{name}: not a readable image (corrupt, truncated or unsupported format)")
+    return to_bgr8(image, name=name)
 
 
 def list_images(folder: str | os.PathLike) -> list[Path]:
