@@ -18,6 +18,7 @@ from kpface.export import registry
 from kpface.export.checkpoint import load_weights
 from kpface.export.onnx_export import export_model
 from kpface.landmarks import ARCFACE_TEMPLATE_112, LANDMARK_ORDER
+from kpface.samples import ASTRONAUT_LANDMARKS, astronaut_bgr
 
 try:
     importlib.metadata.distribution("facenet-pytorch")
@@ -25,11 +26,6 @@ try:
 except importlib.metadata.PackageNotFoundError:
     HAVE_FACENET = False
 needs_facenet = pytest.mark.skipif(not HAVE_FACENET, reason="facenet-pytorch wheel not installed")
-
-# skimage.data.astronaut(), measured by eye on an 8x-24x zoom of the image (pixel centres at
-# integers), in LANDMARK_ORDER: iris centres, nose tip highlight, the outer lip corners.
-ASTRONAUT_LANDMARKS = np.array([[202.7, 100.4], [246.0, 102.8], [222.7, 126.5],
-                                [203.5, 139.7], [243.0, 140.8]])
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -58,11 +54,6 @@ def dfa_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("kp") / "dfa"
     export_model("dfa_mnet025", out)
     return out
-
-
-def astronaut_bgr():
-    from skimage import data
-    return np.ascontiguousarray(data.astronaut()[..., ::-1])
 
 
 # --- export: parity and graph contract -------------------------------------------------------
@@ -387,6 +378,26 @@ def test_dfa_keypoints_map_back_to_the_image(dfa_dir):
     np.testing.assert_allclose(transform_points(pts, m), out["landmarks"][0] * 160, atol=1e-3)
     many = kp.predict_many(image, [box, box + 5])
     assert many.shape == (2, 5, 2) and kp.predict_many(image, []).shape == (0, 5, 2)
+
+
+def test_dfa_runs_all_faces_in_one_batched_call(dfa_dir):
+    """The DFA graph's batch axis is dynamic: N boxes are one call, and each face gets what it
+    gets alone."""
+    kp = load_keypoints(dfa_dir, threads=2)
+    image = astronaut_bgr()
+    boxes = [np.array([180.0, 60.0, 267.0, 173.0]), np.array([150.0, 40.0, 300.0, 200.0]),
+             np.array([10.0, 300.0, 120.0, 420.0])]
+    alone = np.stack([kp.predict(image, b) for b in boxes])
+    real, calls = kp.session, []
+
+    class Spy:
+        def run(self, feeds):
+            calls.append(feeds["image"].shape[0])
+            return real.run(feeds)
+    kp.session = Spy()
+    together = kp.predict_many(image, [Detection(b, 0.9) for b in boxes])
+    assert calls == [3]
+    np.testing.assert_allclose(together, alone, atol=1e-3)
 
 
 def test_factories_check_the_task(retina_dir, dfa_dir):
