@@ -411,9 +411,10 @@ def test_factories_check_the_task(retina_dir, dfa_dir):
 def test_sdk_runs_without_torch(mtcnn_dir, dfa_dir):
     code = (
         "import sys, numpy as np\n"
-        "from skimage import data\n"
+        "from kpface.samples import astronaut_bgr\n"
         "from kpface.detect import load_detector, load_keypoints\n"
-        "img = np.ascontiguousarray(data.astronaut()[..., ::-1])\n"
+        "import kpface.models.recognizer\n"
+        "img = astronaut_bgr()\n"
         f"faces = load_detector({str(mtcnn_dir)!r}, threads=1).detect(img)\n"
         f"pts = load_keypoints({str(dfa_dir)!r}, threads=1).predict(img, faces[0])\n"
         "import kpface.align, kpface.postprocess\n"
