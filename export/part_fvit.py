@@ -60,6 +60,7 @@ from torch import nn
 from kpface.errors import CheckpointError
 
 from .part_fvit_cnn import LARGE, LandmarkTrunk, minmax_points
+from .registry import ArchSpec, GraphSpec, TensorSpec, register
 
 log = logging.getLogger(__name__)
 
@@ -328,26 +329,24 @@ PART_FVIT = PartFViTConfig()
 PART_FVIT_TINY = PartFViTConfig(dim=64, depth=2, heads=2, dim_head=24, mlp_dim=128)
 
 
-def _register() -> None:
-    from .registry import ArchSpec, GraphSpec, TensorSpec, register
-    for name, cfg, description in (
-            ("part_fvit", PART_FVIT, "LAFS Part fViT: landmark CNN + 196 landmark patches + "
-                                     "ViT-B/11 heads (official configuration)"),
-            ("part_fvit_tiny", PART_FVIT_TINY, "tiny Part fViT for tests (real landmark CNN, "
-                                               "2-layer ViT; random weights only)")):
-        s = cfg.img_size
-        graph = GraphSpec(
-            name="model", module=lambda m: m,
-            inputs=[TensorSpec("image", ("batch", 3, s, s), layout="NCHW RGB [-1,1]")],
-            outputs=[TensorSpec("embedding", ("batch", cfg.dim), layout="raw, not normalised"),
-                     TensorSpec("landmarks", ("batch", cfg.num_landmarks, 2),
-                                layout=f"x,y in pixels of the {s}x{s} input")],
-            example_inputs=_example_inputs(cfg))
-        register(ArchSpec(
-            name=name, task="recognizer", description=description,
-            factory=functools.partial(PartFViT, cfg),  # sampling=... from the export option
-            graphs=[graph], manifest=_manifest(cfg), remap_keys=remap_part_fvit_keys,
-            options={"sampling": SAMPLING_FORMS}))
+def part_fvit_spec(name: str, cfg: PartFViTConfig, description: str) -> ArchSpec:
+    """The ArchSpec of one Part fViT configuration."""
+    s = cfg.img_size
+    graph = GraphSpec(
+        name="model", module=lambda m: m,
+        inputs=[TensorSpec("image", ("batch", 3, s, s), layout="NCHW RGB [-1,1]")],
+        outputs=[TensorSpec("embedding", ("batch", cfg.dim), layout="raw, not normalised"),
+                 TensorSpec("landmarks", ("batch", cfg.num_landmarks, 2),
+                            layout=f"x,y in pixels of the {s}x{s} input")],
+        example_inputs=_example_inputs(cfg))
+    return ArchSpec(
+        name=name, task="recognizer", description=description,
+        factory=functools.partial(PartFViT, cfg),  # sampling=... from the export option
+        graphs=[graph], manifest=_manifest(cfg), remap_keys=remap_part_fvit_keys,
+        options={"sampling": SAMPLING_FORMS})
 
 
-_register()
+register(part_fvit_spec("part_fvit", PART_FVIT, "LAFS Part fViT: landmark CNN + 196 landmark "
+                                                "patches + ViT-B/11 heads (official configuration)"))
+register(part_fvit_spec("part_fvit_tiny", PART_FVIT_TINY, "tiny Part fViT for tests (real "
+                                                          "landmark CNN, 2-layer ViT; random weights only)"))

@@ -1,19 +1,28 @@
-"""Registry of named architectures, the way timm keeps one: each architecture file registers
-its configurations with :func:`register`, and the exporter and CLI read them from here.
+"""The table of named architectures: a leaf module that imports no architecture.
 
-An :class:`ArchSpec` says how to build the torch module, what its ONNX graph(s) look like
-and which task-specific fields go into the manifest (pre-processing, keypoint convention,
-embedding size, priors, ...), so that nothing downstream repeats those constants.
+Each architecture file describes its configurations and adds them here with :func:`register`;
+``kpface/export/__init__.py`` imports those files, so the table is full as soon as anything
+under ``kpface.export`` is imported (timm keeps its model registry the same way). Nothing in this
+module imports an architecture, so there is no import circle.
+
+    @register
+    def retinaface_mnet025() -> ArchSpec:          # the function is named after the arch
+        return ArchSpec(name="retinaface_mnet025", task="detector", ...)
+
+An :class:`ArchSpec` says how to build the torch module, what its ONNX graph(s) look like and
+which task-specific fields go into the manifest (pre-processing, keypoint convention, embedding
+size, priors, ...), so that nothing downstream repeats those constants.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any, Callable
 
 from kpface.errors import InputError
+
+if TYPE_CHECKING:  # annotations only: the table itself needs no torch
+    import torch
+    from torch import nn
 
 
 @dataclass(frozen=True)
@@ -51,7 +60,7 @@ class ArchSpec:
     name: str
     task: str  # "recognizer" | "detector" | "keypoints"
     description: str
-    factory: Callable[[], nn.Module]
+    factory: Callable[..., nn.Module]
     graphs: list[GraphSpec]
     manifest: dict[str, Any] = field(default_factory=dict)
     # Maps a raw checkpoint state dict to this module's keys (strips foreign prefixes, ...).
@@ -64,36 +73,54 @@ class ArchSpec:
     options: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
+TASKS = ("recognizer", "detector", "keypoints")
+
 _ARCHS: dict[str, ArchSpec] = {}
+_MODULES: dict[str, str] = {}  # arch name -> the module that registered it
 
 
-def register(spec: ArchSpec) -> ArchSpec:
+def _add(spec: ArchSpec, module: str) -> None:
+    if not isinstance(spec, ArchSpec):
+        raise TypeError(f"register() needs an ArchSpec, got {type(spec).__name__}")
+    if spec.task not in TASKS:
+        raise ValueError(f"architecture {spec.name!r}: task {spec.task!r} is not one of {TASKS}")
     if spec.name in _ARCHS:
-        raise ValueError(f"architecture {spec.name!r} registered twice")
+        raise ValueError(f"architecture {spec.name!r} registered twice (first by "
+                         f"{_MODULES[spec.name]}, again by {module})")
     _ARCHS[spec.name] = spec
-    return spec
+    _MODULES[spec.name] = module
 
 
-_LOADED = False
+def register(entry):
+    """Add an architecture to the table.
 
-
-def _load_all() -> None:
-    # Importing an architecture module registers its configurations (once per process).
-    global _LOADED
-    from . import vit  # noqa: F401
-    for optional in ("retinaface", "mtcnn", "dfa", "dlib_resnet", "part_fvit"):
-        try:
-            __import__(f"{__package__}.{optional}")
-        except ModuleNotFoundError as e:  # an architecture file not written yet
-            if e.name != f"{__package__}.{optional}":
-                raise
-    _LOADED = True
+    As a decorator, on a function without arguments that returns the :class:`ArchSpec`; the
+    function must carry the architecture's name, and is returned unchanged. Called with an
+    ``ArchSpec`` (for configurations made in a loop), it adds that spec and returns it.
+    """
+    if isinstance(entry, ArchSpec):
+        factory = getattr(entry.factory, "func", entry.factory)  # functools.partial
+        _add(entry, str(getattr(factory, "__module__", "?")))
+        return entry
+    if not callable(entry):
+        raise TypeError(f"register() takes an ArchSpec or a function, got {type(entry).__name__}")
+    spec = entry()
+    if getattr(spec, "name", None) != entry.__name__:
+        raise ValueError(f"{entry.__module__}.{entry.__name__} returned the spec of "
+                         f"{getattr(spec, 'name', spec)!r}; name the function after its architecture")
+    _add(spec, entry.__module__)
+    return entry
 
 
 def archs(task: str | None = None) -> dict[str, ArchSpec]:
-    if not _LOADED:  # not `if not _ARCHS`: one architecture imported directly fills it
-        _load_all()
+    """Registered architectures (of one task), by name."""
     return {k: v for k, v in _ARCHS.items() if task is None or v.task == task}
+
+
+def module_of(name: str) -> str:
+    """The module that registered ``name`` (where its torch definition lives)."""
+    get(name)
+    return _MODULES[name]
 
 
 def get(name: str, task: str | None = None) -> ArchSpec:

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .registry import ArchSpec, GraphSpec, TensorSpec, register
+
 NUM_ANCHORS = 2
 MNET025 = {"in_channels": 32, "out_channels": 64}
 PRIORS = {"min_sizes": [[16, 32], [64, 128], [256, 512]], "steps": [8, 16, 32],
@@ -202,8 +204,8 @@ def _example_inputs(batch: int, gen: torch.Generator):
     return (img - torch.tensor(MEAN_BGR).view(1, 3, 1, 1),)
 
 
-def _register() -> None:
-    from .registry import ArchSpec, GraphSpec, TensorSpec, register
+@register
+def retinaface_mnet025() -> ArchSpec:
     graph = GraphSpec(
         name="model",
         module=lambda m: m,
@@ -214,10 +216,7 @@ def _register() -> None:
                  TensorSpec("landms", ("batch", "anchors", 10), layout="raw landmark regression")],
         example_inputs=_example_inputs,
     )
-    register(ArchSpec(name="retinaface_mnet025", task="detector",
-                      description="RetinaFace MobileNet0.25 (mobilenet0.25_Final.pth layout)",
-                      factory=lambda: RetinaFaceDetector(**MNET025), graphs=[graph],
-                      manifest=_detector_manifest(), remap_keys=remap_retinaface_keys))
-
-
-_register()
+    return ArchSpec(name="retinaface_mnet025", task="detector",
+                    description="RetinaFace MobileNet0.25 (mobilenet0.25_Final.pth layout)",
+                    factory=lambda: RetinaFaceDetector(**MNET025), graphs=[graph],
+                    manifest=_detector_manifest(), remap_keys=remap_retinaface_keys)

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .kprpe import KPRPE
+from .registry import ArchSpec, GraphSpec, TensorSpec, register
 
 
 @dataclass(frozen=True)
@@ -183,8 +184,8 @@ def remap_vit_keys(state: dict) -> dict:
     return out
 
 
-def _register(name: str, description: str, **kw) -> None:
-    from .registry import ArchSpec, GraphSpec, TensorSpec, register
+def vit_spec(name: str, description: str, **kw) -> ArchSpec:
+    """The ArchSpec of one face-ViT configuration (``kw``: :class:`ViTConfig` fields)."""
     cfg = ViTConfig(**kw)
     inputs = [TensorSpec("image", ("batch", 3, cfg.img_size, cfg.img_size), layout="NCHW RGB [-1,1]"),
               TensorSpec("keypoints", ("batch", cfg.num_keypoints, 2), layout="x,y in [0,1]")]
@@ -197,18 +198,23 @@ def _register(name: str, description: str, **kw) -> None:
         outputs=[TensorSpec("embedding", ("batch", cfg.output_dim), layout="raw, not normalised")],
         example_inputs=make if cfg.kprpe else (lambda b, g: make(b, g)[:1]),
     )
-    register(ArchSpec(name=name, task="recognizer", description=description,
-                      factory=lambda: FaceViT(cfg), graphs=[graph],
-                      manifest=_recognizer_manifest(cfg), remap_keys=remap_vit_keys))
+    return ArchSpec(name=name, task="recognizer", description=description,
+                    factory=lambda: FaceViT(cfg), graphs=[graph],
+                    manifest=_recognizer_manifest(cfg), remap_keys=remap_vit_keys)
 
 
-_register("vit_kprpe_base", "ViT-base + KP-RPE (published CVLface checkpoints)",
-          depth=24, num_heads=16, mlp_ratio=3.0)
-_register("vit_kprpe_small", "ViT-small + KP-RPE (published config, no checkpoint)",
-          depth=12, num_heads=8, mlp_ratio=5.0)
-_register("vit_base", "ViT-base without KP-RPE (overhead baseline)",
-          depth=24, num_heads=16, mlp_ratio=3.0, kprpe=False)
-_register("vit_small", "ViT-small without KP-RPE (overhead baseline)",
-          depth=12, num_heads=8, mlp_ratio=5.0, kprpe=False)
-_register("vit_kprpe_tiny", "tiny KP-RPE ViT for tests (random weights only)",
-          embed_dim=64, depth=2, num_heads=2, mlp_ratio=2.0)
+def _register(name: str, description: str, **kw) -> ArchSpec:
+    """Register one more configuration (tests add baselines this way)."""
+    return register(vit_spec(name, description, **kw))
+
+
+register(vit_spec("vit_kprpe_base", "ViT-base + KP-RPE (published CVLface checkpoints)",
+                  depth=24, num_heads=16, mlp_ratio=3.0))
+register(vit_spec("vit_kprpe_small", "ViT-small + KP-RPE (published config, no checkpoint)",
+                  depth=12, num_heads=8, mlp_ratio=5.0))
+register(vit_spec("vit_base", "ViT-base without KP-RPE (overhead baseline)",
+                  depth=24, num_heads=16, mlp_ratio=3.0, kprpe=False))
+register(vit_spec("vit_small", "ViT-small without KP-RPE (overhead baseline)",
+                  depth=12, num_heads=8, mlp_ratio=5.0, kprpe=False))
+register(vit_spec("vit_kprpe_tiny", "tiny KP-RPE ViT for tests (random weights only)",
+                  embed_dim=64, depth=2, num_heads=2, mlp_ratio=2.0))

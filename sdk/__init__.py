@@ -13,4 +13,7 @@ def __getattr__(name):  # lazy: keep `import kpface` cheap and torch-free
     if name in ("FacePipeline", "Face", "Gallery", "compare"):
         from . import pipeline
         return getattr(pipeline, name)
+    if name in ("Recognizer", "load_recognizer", "load_detector", "load_keypoints"):
+        from . import models
+        return getattr(models, name)
     raise AttributeError(name)

@@ -17,8 +17,9 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, ModelError
 from .landmarks import ARCFACE_TEMPLATE_112
+from .preprocess import Normalizer
 
 CONVENTIONS = ("aligned", "square")
 
@@ -145,42 +146,52 @@ def crop_face(image_bgr: np.ndarray, landmarks_px: np.ndarray, size: int = 112,
     return crop, transform_points(landmarks_px, m), m
 
 
+def fit_crops(crops_bgr: Sequence[np.ndarray], points_px: Sequence[np.ndarray],
+              size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Stack face crops at ``size`` (width, height) for a network. Crops of another size are
+    resized (bilinear) and their points moved with them (half-pixel-centre convention:
+    x' = (x + 0.5) * W'/W - 0.5). Returns (crops uint8 [B, H, W, 3], points float64 [B, K, 2]
+    in network pixels, scale [B, 2] = network size / crop size)."""
+    width, height = size
+    if len(crops_bgr) != len(points_px):
+        raise InputError(f"{len(crops_bgr)} crops but {len(points_px)} landmark sets")
+    batch = np.empty((len(crops_bgr), height, width, 3), dtype=np.uint8)
+    points, scales = [], np.ones((len(crops_bgr), 2), dtype=np.float64)
+    for i, (crop, pts) in enumerate(zip(crops_bgr, points_px)):
+        crop = _check_image(crop)
+        pts = np.asarray(pts, dtype=np.float64).reshape(-1, 2)
+        h, w = crop.shape[:2]
+        if (h, w) != (height, width):
+            crop = cv2.resize(crop, (width, height), interpolation=cv2.INTER_LINEAR)
+            scales[i] = (width / w, height / h)
+            pts = (pts + 0.5) * scales[i] - 0.5
+        batch[i] = crop
+        points.append(pts)
+    points_arr = np.stack(points) if points else np.zeros((0, 5, 2), dtype=np.float64)
+    return batch, points_arr, scales
+
+
 def recognizer_inputs(crops_bgr: Sequence[np.ndarray], landmarks_in_crop_px: Sequence[np.ndarray],
                       manifest: dict) -> tuple[np.ndarray, np.ndarray]:
     """Batch face crops for a recognizer, reading size, colour order, mean and std from its
-    manifest's ``preprocess``. Returns (image [B, 3, H, W] float32, keypoints [B, 5, 2] float32
-    with (x, y) in [0, 1] of the image fed to the network).
+    manifest's ``preprocess`` (through :class:`kpface.preprocess.Normalizer`). Returns
+    (image [B, 3, H, W] float32, keypoints [B, 5, 2] float32 with (x, y) in [0, 1] of the
+    image fed to the network).
 
-    Crops of another size are resized (bilinear) and their landmarks scaled with them.
+    Crops of another size are resized (bilinear) and their landmarks scaled with them
+    (:func:`fit_crops`).
     """
     pre = manifest.get("preprocess")
     if not isinstance(pre, dict):
         raise InputError("the recognizer manifest has no 'preprocess' entry; re-export the model")
     try:
         width, height = (int(v) for v in pre["size"])
-        color = str(pre["color"]).upper()
-        mean = np.asarray(pre["mean"], dtype=np.float32).reshape(3)
-        std = np.asarray(pre["std"], dtype=np.float32).reshape(3)
+        norm = Normalizer(pre, str(manifest.get("name", "recognizer")))
     except (KeyError, TypeError, ValueError) as e:
         raise InputError(f"the recognizer manifest's 'preprocess' is incomplete ({e}); "
                          "re-export the model") from None
-    if color not in ("RGB", "BGR"):
-        raise InputError(f"unsupported colour order {color!r} in the manifest; expected RGB or BGR")
-    if len(crops_bgr) != len(landmarks_in_crop_px):
-        raise InputError(f"{len(crops_bgr)} crops but {len(landmarks_in_crop_px)} landmark sets")
-    images = np.empty((len(crops_bgr), 3, height, width), dtype=np.float32)
-    keypoints = np.empty((len(crops_bgr), 5, 2), dtype=np.float32)
-    for i, (crop, pts) in enumerate(zip(crops_bgr, landmarks_in_crop_px)):
-        crop = _check_image(crop)
-        pts = np.asarray(pts, dtype=np.float64).reshape(5, 2)
-        h, w = crop.shape[:2]
-        if (h, w) != (height, width):
-            crop = cv2.resize(crop, (width, height), interpolation=cv2.INTER_LINEAR)
-            # Half-pixel-centre resize: x' = (x + 0.5) * W'/W - 0.5.
-            pts = (pts + 0.5) * np.array([width / w, height / h]) - 0.5
-        if color == "RGB":
-            crop = crop[:, :, ::-1]
-        x = (crop.astype(np.float32) - mean) / std
-        images[i] = x.transpose(2, 0, 1)
-        keypoints[i] = pts / np.array([width, height])
-    return images, keypoints
+    except ModelError as e:
+        raise InputError(str(e)) from None
+    batch, points, _ = fit_crops(crops_bgr, landmarks_in_crop_px, (width, height))
+    keypoints = (points / np.array([width, height])).astype(np.float32)
+    return norm(batch), keypoints

@@ -1,12 +1,16 @@
 """FacePipeline: detect -> keypoints -> embed, torch-free.
 
     pipe = FacePipeline.from_dir("~/.cache/kpface/models")
-    faces = pipe(cv2.imread("photo.jpg"))          # list[Face], embeddings L2-normalised
+    faces = pipe(cv2.imread("photo.jpg"))          # list[Face] with embeddings
     pipe.compare(faces[0], other_face)             # Comparison(cosine, same, threshold)
 
 A models directory holds one model directory per stage, each written by ``kpface export``:
 ``detector/``, ``keypoints/`` (optional: without it the detector's landmarks are used) and
-``recognizer/``. The pipeline holds no per-call state, so one instance may serve many threads.
+``recognizer/``. Each stage is a class of :mod:`kpface.models` that owns its pre- and
+post-processing; the pipeline only passes faces along: one detector call, one keypoint call
+for all faces of the image, each face cropped the way the recognizer's manifest asks, one
+recognizer call for all crops. It holds no per-call state, so one instance may serve many
+threads.
 """
 from __future__ import annotations
 
@@ -19,11 +23,17 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from .align import invert_affine, transform_points
 from .errors import InputError, ModelError
 from .image import to_bgr8
 from .manifest import atomic_write_bytes, load_manifest
+from .models.recognizer import Recognizer, l2_normalize
 
 log = logging.getLogger(__name__)
+
+__all__ = ["Face", "Comparison", "FacePipeline", "compare", "l2_normalize", "default_models_dir",
+           "Gallery"]
+
 
 def default_models_dir() -> Path:
     home = os.environ.get("KPFACE_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "kpface")
@@ -32,17 +42,26 @@ def default_models_dir() -> Path:
 
 @dataclass
 class Face:
-    """One face: box (x1, y1, x2, y2) and landmarks (5 x (x, y)) in image pixels."""
+    """One face: box (x1, y1, x2, y2) and landmarks (5 x (x, y)) in image pixels.
+
+    ``embedding`` is L2-normalised unless the recognizer's manifest says
+    ``normalize_embedding: false`` (dlib_resnet_v1: its raw descriptor, for dlib's Euclidean
+    rule; :func:`compare` normalises either way). ``dense_landmarks`` [K, 2], image pixels, are
+    the recognizer's own points when it has them (Part fViT: 196, not semantic).
+    """
 
     box: np.ndarray
     score: float
     landmarks: np.ndarray
-    embedding: np.ndarray | None = None  # L2-normalised
+    embedding: np.ndarray | None = None
     crop: np.ndarray | None = field(default=None, repr=False)  # recognizer input, BGR uint8
+    dense_landmarks: np.ndarray | None = field(default=None, repr=False)
 
     def to_dict(self, embedding: bool = True) -> dict[str, Any]:
         out = {"box": [round(float(v), 2) for v in self.box], "score": round(float(self.score), 5),
                "landmarks": [[round(float(x), 2), round(float(y), 2)] for x, y in self.landmarks]}
+        if self.dense_landmarks is not None:
+            out["dense_landmarks"] = np.asarray(self.dense_landmarks, float).round(2).tolist()
         if embedding and self.embedding is not None:
             out["embedding"] = [round(float(v), 6) for v in self.embedding]
         return out
@@ -55,11 +74,6 @@ class Comparison:
     threshold: float
 
 
-def l2_normalize(x: np.ndarray, axis: int = -1) -> np.ndarray:
-    norm = np.linalg.norm(x, axis=axis, keepdims=True)
-    return x / np.maximum(norm, 1e-12)
-
-
 def _embedding_of(x: Face | np.ndarray) -> np.ndarray:
     emb = x.embedding if isinstance(x, Face) else x
     if emb is None:
@@ -68,33 +82,45 @@ def _embedding_of(x: Face | np.ndarray) -> np.ndarray:
     return l2_normalize(emb)
 
 
-def compare(a: Face | np.ndarray, b: Face | np.ndarray, threshold: float = 0.3) -> Comparison:
-    """Cosine similarity of two faces (or embeddings) and a same/different decision."""
+def compare(a: Face | np.ndarray, b: Face | np.ndarray, threshold: float) -> Comparison:
+    """Cosine similarity of two faces (or embeddings) and a same/different decision at
+    ``threshold`` (the recognizer's, from its manifest: :attr:`FacePipeline.threshold`)."""
     ea, eb = _embedding_of(a), _embedding_of(b)
     if ea.shape != eb.shape:
         raise InputError(f"embeddings of different sizes: {ea.size} and {eb.size}")
     cos = float(np.clip(ea @ eb, -1.0, 1.0))
+    threshold = float(threshold)
     return Comparison(cosine=cos, same=cos >= threshold, threshold=threshold)
 
 
 class FacePipeline:
-    """detect -> (keypoints) -> embed on any runtime; see :meth:`from_dir`."""
+    """detect -> (keypoints) -> embed on any runtime; see :meth:`from_dir`.
 
-    def __init__(self, detector, recognizer, recognizer_manifest: dict, keypoints=None,
-                 convention: str = "aligned"):
+    ``recognizer``: a :class:`~kpface.models.Recognizer`, or an open session of a recognizer
+    graph together with its ``recognizer_manifest``. ``convention``: the crop for recognizers
+    without an ``alignment`` in their manifest, ``"aligned"`` (ArcFace template, the default)
+    or ``"square"``; a recognizer whose manifest names its crop (dlib's face chip) gets that.
+    """
+
+    def __init__(self, detector, recognizer, recognizer_manifest: dict | None = None,
+                 keypoints=None, convention: str | None = None):
+        if not isinstance(recognizer, Recognizer):
+            if recognizer_manifest is None:
+                raise ModelError("FacePipeline needs the recognizer's manifest with a session; "
+                                 "or pass a kpface.models.Recognizer")
+            recognizer = Recognizer(manifest=recognizer_manifest, session=recognizer)
         self.detector = detector
         self.keypoints = keypoints
         self.recognizer = recognizer
-        self.manifest = recognizer_manifest
-        self.convention = convention
-        self.threshold = float(recognizer_manifest.get("threshold", 0.3))
-        self._feed_keypoints = "keypoints" in recognizer.input_names
+        self.manifest = recognizer.manifest
+        self.threshold = recognizer.threshold
+        self.convention = recognizer.crop_method(convention)
 
     @classmethod
     def from_dir(cls, models_dir: str | os.PathLike | None = None, runtime: str = "onnxruntime",
                  precision: str = "fp32", threads: int | None = None,
                  use_keypoints: bool = True, detector_precision: str = "fp32",
-                 convention: str = "aligned", allow_random_keypoints: bool = False
+                 convention: str | None = None, allow_random_keypoints: bool = False
                  ) -> "FacePipeline":
         """Open ``models_dir/{detector,keypoints,recognizer}``.
 
@@ -103,9 +129,7 @@ class FacePipeline:
         weights would only scramble the alignment, so it is skipped (with a warning) unless
         ``allow_random_keypoints``; the detector's landmarks are used instead.
         """
-        from kpface.runtimes import open_session
-
-        from .detect import load_detector, load_keypoints
+        from .models import load_detector, load_keypoints, load_recognizer
 
         root = Path(models_dir) if models_dir is not None else default_models_dir()
         if not root.is_dir():
@@ -127,56 +151,48 @@ class FacePipeline:
                 keypoints = load_keypoints(root / "keypoints", runtime=runtime,
                                            precision=detector_precision, threads=threads,
                                            manifest=kp_manifest)
-        manifest = load_manifest(root / "recognizer", task="recognizer")
-        recognizer = open_session(root / "recognizer", runtime=runtime, precision=precision,
-                                  threads=threads, manifest=manifest)
+        recognizer = load_recognizer(root / "recognizer", runtime=runtime, precision=precision,
+                                     threads=threads)
         log.info("pipeline: detector %s, keypoints %s, recognizer %s on %s/%s (%s)",
                  getattr(detector, "arch", "?"), getattr(keypoints, "arch", "detector's own"),
-                 manifest.get("arch"), runtime, precision, recognizer.provider)
-        return cls(detector, recognizer, manifest, keypoints=keypoints, convention=convention)
+                 recognizer.arch, runtime, precision, recognizer.provider)
+        return cls(detector, recognizer, keypoints=keypoints, convention=convention)
 
     # -- stages ------------------------------------------------------------------------------
     def detect(self, image: np.ndarray) -> list[Face]:
-        """Boxes, scores and landmarks (refined by the keypoint model if there is one)."""
+        """Boxes, scores and landmarks (refined by the keypoint model, if there is one, in one
+        call for all faces)."""
         image = to_bgr8(image)
-        faces = []
-        for det in self.detector.detect(image):
-            landmarks = det.landmarks
-            if self.keypoints is not None:
-                landmarks = self.keypoints.predict(image, det)
-            faces.append(Face(box=np.asarray(det.box, np.float32), score=float(det.score),
-                              landmarks=np.asarray(landmarks, np.float32).reshape(5, 2)))
-        return faces
+        dets = list(self.detector.detect(image))
+        if self.keypoints is not None and dets:
+            landmarks = self.keypoints.predict_many(image, dets)
+        else:
+            landmarks = [d.landmarks for d in dets]
+        return [Face(box=np.asarray(d.box, np.float32), score=float(d.score),
+                     landmarks=np.asarray(pts, np.float32).reshape(5, 2))
+                for d, pts in zip(dets, landmarks)]
+
+    def crop(self, image: np.ndarray, face: Face) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The recognizer's crop of one face: (crop_bgr, landmarks in crop pixels, M image ->
+        crop)."""
+        return self.recognizer.crop(image, face.landmarks, box=face.box, convention=self.convention)
 
     def embed_crops(self, crops: Sequence[np.ndarray], landmarks_in_crop: Sequence[np.ndarray]
                     ) -> np.ndarray:
-        """Embed face crops (BGR) with landmarks in crop pixels; returns [N, D] normalised."""
-        from .align import recognizer_inputs
-        if len(crops) == 0:
-            return np.zeros((0, int(self.manifest.get("embedding_size", 512))), np.float32)
-        images, keypoints = recognizer_inputs(crops, landmarks_in_crop, self.manifest)
-        feeds = {"image": images}
-        if self._feed_keypoints:
-            feeds["keypoints"] = keypoints
-        out = self.recognizer.run(feeds)
-        emb = out.get("embedding", next(iter(out.values())))
-        return l2_normalize(np.asarray(emb, np.float32))
+        """Embed face crops (BGR) with landmarks in crop pixels; returns [N, D]."""
+        return self.recognizer.embed(crops, landmarks_in_crop)
 
     def __call__(self, image: np.ndarray, return_crops: bool = False) -> list[Face]:
         """All faces of one BGR image, embedded in one recognizer call."""
-        from .align import crop_face
         image = to_bgr8(image)
         faces = self.detect(image)
-        size = int(self.manifest["preprocess"]["size"][0])
-        crops, points = [], []
-        for face in faces:
-            crop, pts, _ = crop_face(image, face.landmarks, size=size, convention=self.convention,
-                                     box=face.box)
-            crops.append(crop)
-            points.append(pts)
-        embeddings = self.embed_crops(crops, points)
-        for face, crop, emb in zip(faces, crops, embeddings):
-            face.embedding = emb
+        cut = [self.crop(image, face) for face in faces]
+        out = self.recognizer.run([c for c, _, _ in cut], [p for _, p, _ in cut])
+        dense = out.get("landmarks")
+        for i, (face, (crop, _, m)) in enumerate(zip(faces, cut)):
+            face.embedding = out["embedding"][i]
+            if dense is not None:
+                face.dense_landmarks = transform_points(dense[i], invert_affine(m)).astype(np.float32)
             if return_crops:
                 face.crop = crop
         return faces

@@ -18,6 +18,7 @@ from kpface.export import registry
 from kpface.export.checkpoint import load_weights
 from kpface.export.onnx_export import export_model
 from kpface.landmarks import ARCFACE_TEMPLATE_112, LANDMARK_ORDER
+from kpface.samples import ASTRONAUT_LANDMARKS, astronaut_bgr
 
 try:
     importlib.metadata.distribution("facenet-pytorch")
@@ -25,11 +26,6 @@ try:
 except importlib.metadata.PackageNotFoundError:
     HAVE_FACENET = False
 needs_facenet = pytest.mark.skipif(not HAVE_FACENET, reason="facenet-pytorch wheel not installed")
-
-# skimage.data.astronaut(), measured by eye on an 8x-24x zoom of the image (pixel centres at
-# integers), in LANDMARK_ORDER: iris centres, nose tip highlight, the outer lip corners.
-ASTRONAUT_LANDMARKS = np.array([[202.7, 100.4], [246.0, 102.8], [222.7, 126.5],
-                                [203.5, 139.7], [243.0, 140.8]])
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -58,11 +54,6 @@ def dfa_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("kp") / "dfa"
     export_model("dfa_mnet025", out)
     return out
-
-
-def astronaut_bgr():
-    from skimage import data
-    return np.ascontiguousarray(data.astronaut()[..., ::-1])
 
 
 # --- export: parity and graph contract -------------------------------------------------------
@@ -389,6 +380,26 @@ def test_dfa_keypoints_map_back_to_the_image(dfa_dir):
     assert many.shape == (2, 5, 2) and kp.predict_many(image, []).shape == (0, 5, 2)
 
 
+def test_dfa_runs_all_faces_in_one_batched_call(dfa_dir):
+    """The DFA graph's batch axis is dynamic: N boxes are one call, and each face gets what it
+    gets alone."""
+    kp = load_keypoints(dfa_dir, threads=2)
+    image = astronaut_bgr()
+    boxes = [np.array([180.0, 60.0, 267.0, 173.0]), np.array([150.0, 40.0, 300.0, 200.0]),
+             np.array([10.0, 300.0, 120.0, 420.0])]
+    alone = np.stack([kp.predict(image, b) for b in boxes])
+    real, calls = kp.session, []
+
+    class Spy:
+        def run(self, feeds):
+            calls.append(feeds["image"].shape[0])
+            return real.run(feeds)
+    kp.session = Spy()
+    together = kp.predict_many(image, [Detection(b, 0.9) for b in boxes])
+    assert calls == [3]
+    np.testing.assert_allclose(together, alone, atol=1e-3)
+
+
 def test_factories_check_the_task(retina_dir, dfa_dir):
     with pytest.raises(ModelError, match="expected a 'detector' model"):
         load_detector(dfa_dir)
@@ -400,9 +411,10 @@ def test_factories_check_the_task(retina_dir, dfa_dir):
 def test_sdk_runs_without_torch(mtcnn_dir, dfa_dir):
     code = (
         "import sys, numpy as np\n"
-        "from skimage import data\n"
+        "from kpface.samples import astronaut_bgr\n"
         "from kpface.detect import load_detector, load_keypoints\n"
-        "img = np.ascontiguousarray(data.astronaut()[..., ::-1])\n"
+        "import kpface.models.recognizer\n"
+        "img = astronaut_bgr()\n"
         f"faces = load_detector({str(mtcnn_dir)!r}, threads=1).detect(img)\n"
         f"pts = load_keypoints({str(dfa_dir)!r}, threads=1).predict(img, faces[0])\n"
         "import kpface.align, kpface.postprocess\n"

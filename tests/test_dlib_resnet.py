@@ -159,3 +159,33 @@ def test_every_layer_setting_is_checked_against_the_model():
     net.input["avg_red"] = 128.0
     with pytest.raises(CheckpointError, match="input means"):
         net_to_state_dict(net)
+
+
+def test_pipeline_feeds_dlib_its_face_chip(exported):
+    """The pipeline crops for dlib_resnet_v1 as its manifest's alignment says: its embedding of
+    the astronaut is the ONNX model run on kpface.facechip.face_chip's chip, normalised by hand
+    as dlib's input layer does (raw descriptor: the manifest says normalize_embedding false)."""
+    import onnxruntime as ort
+
+    from kpface.errors import InputError
+    from kpface.facechip import face_chip
+    from kpface.models import load_recognizer
+    from kpface.pipeline import Face, FacePipeline
+    from kpface.samples import ASTRONAUT_BOX, ASTRONAUT_LANDMARKS, astronaut_bgr
+
+    class Astronaut:
+        def detect(self, image):
+            return [Face(ASTRONAUT_BOX, 0.99, ASTRONAUT_LANDMARKS)]
+    image = astronaut_bgr()
+    rec = load_recognizer(exported, threads=1)
+    pipe = FacePipeline(Astronaut(), rec)
+    assert pipe.convention == "dlib_face_chip" and pipe.threshold == rec.threshold
+    face = pipe(image, return_crops=True)[0]
+    chip, _ = face_chip(image, ASTRONAUT_LANDMARKS)
+    np.testing.assert_array_equal(face.crop, chip)
+    sess = ort.InferenceSession(str(exported / "model.onnx"), providers=["CPUExecutionProvider"])
+    want = sess.run(["embedding"], {"image": dlib_input(chip[None, :, :, ::-1])})[0][0]
+    np.testing.assert_allclose(face.embedding, want, atol=1e-5)
+    assert face.embedding.shape == (128,) and face.dense_landmarks is None
+    with pytest.raises(InputError, match="dlib_face_chip"):
+        FacePipeline(Astronaut(), rec, convention="square")

@@ -9,8 +9,8 @@ from kpface.image import list_images, load_image, to_bgr8
 
 @pytest.fixture
 def photo():
-    from skimage import data
-    return cv2.cvtColor(data.astronaut(), cv2.COLOR_RGB2BGR)[:128, :160]
+    from kpface.samples import astronaut_bgr
+    return astronaut_bgr()[:128, :160].copy()
 
 
 def test_missing_file(tmp_path):

@@ -198,3 +198,77 @@ def test_cli_export_with_option_and_ssl_refusal(tmp_path, capsys):
     assert rc == 0
     manifest = json.loads((tmp_path / "m" / "manifest.json").read_text())
     assert manifest["export_options"] == {"sampling": "gather"}
+
+
+# --- in the pipeline: dense landmarks on Face, mirror_sum ------------------------------------
+
+def _reference(model_dir, image, landmarks):
+    """Independent: skimage's Umeyama onto the ArcFace template, cv2.warpAffine, a hand
+    normalisation to [-1, 1] RGB, raw ONNX Runtime. Returns (the network input [1, 3, 112,
+    112], the similarity image -> crop)."""
+    import cv2
+    from skimage.transform import SimilarityTransform
+
+    from kpface.landmarks import ARCFACE_TEMPLATE_112
+    t = SimilarityTransform.from_estimate(landmarks.astype(np.float64),
+                                          ARCFACE_TEMPLATE_112.astype(np.float64))
+    crop = cv2.warpAffine(image, t.params[:2], (112, 112), flags=cv2.INTER_LINEAR, borderValue=0)
+    x = (crop[:, :, ::-1].astype(np.float32) - 127.5) / 127.5
+    return np.ascontiguousarray(x.transpose(2, 0, 1)[None]), t
+
+
+def _pipeline(model_dir, manifest=None):
+    from kpface.models import Recognizer
+    from kpface.pipeline import Face, FacePipeline
+    from kpface.samples import ASTRONAUT_BOX, ASTRONAUT_LANDMARKS
+
+    class Astronaut:
+        def detect(self, image):
+            return [Face(ASTRONAUT_BOX, 0.99, ASTRONAUT_LANDMARKS)]
+    return FacePipeline(Astronaut(), Recognizer(model_dir, threads=1, manifest=manifest))
+
+
+def test_pipeline_maps_the_196_landmarks_back_to_the_image(exported):
+    from kpface.samples import ASTRONAUT_LANDMARKS, astronaut_bgr
+    model_dir = exported["gridsample"]
+    image = astronaut_bgr()
+    face = _pipeline(model_dir)(image)[0]
+    x, t = _reference(model_dir, image, ASTRONAUT_LANDMARKS)
+    emb, pts = session(model_dir).run(["embedding", "landmarks"], {"image": x})
+    want = emb[0] / np.linalg.norm(emb[0])
+    assert float(face.embedding @ want) > 0.9999
+    assert face.dense_landmarks.shape == (196, 2)
+    np.testing.assert_allclose(face.dense_landmarks, t.inverse(pts[0].astype(np.float64)),
+                               atol=0.02)
+    # Back in the crop they span it (the model min-max rescales its 392 numbers to [0, 111]).
+    in_crop = t(face.dense_landmarks.astype(np.float64))
+    np.testing.assert_allclose([in_crop.min(), in_crop.max()], [0, 111], atol=0.05)
+    assert len(face.to_dict()["dense_landmarks"]) == 196
+
+
+def test_mirror_sum_adds_the_mirror_view_before_normalising(exported):
+    from kpface.samples import ASTRONAUT_LANDMARKS, astronaut_bgr
+    model_dir = exported["gridsample"]
+    image = astronaut_bgr()
+    manifest = load_manifest(model_dir, task="recognizer")
+    single = _pipeline(model_dir)(image)[0]
+    calls = []
+    pipe = _pipeline(model_dir, dict(manifest, mirror_sum=True))
+    real = pipe.recognizer.session
+
+    class Spy:
+        def run(self, feeds):
+            calls.append(feeds["image"].shape[0])
+            return real.run(feeds)
+    pipe.recognizer.session = Spy()
+    both = pipe(image)[0]
+    assert calls == [2]  # the face and its mirror in one call
+    x, _ = _reference(model_dir, image, ASTRONAUT_LANDMARKS)
+    sess = session(model_dir)
+    raw = sess.run(["embedding"], {"image": x})[0][0] + \
+        sess.run(["embedding"], {"image": np.ascontiguousarray(x[..., ::-1])})[0][0]
+    want = raw / np.linalg.norm(raw)
+    np.testing.assert_allclose(both.embedding, want, atol=2e-5)
+    # The mirror view counts (little, with random weights: the CLS token dominates).
+    assert np.abs(single.embedding - want).max() > 1e-4
+    np.testing.assert_allclose(both.dense_landmarks, single.dense_landmarks, atol=1e-3)

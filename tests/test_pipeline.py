@@ -7,20 +7,15 @@ import cv2
 import numpy as np
 import onnxruntime as ort
 import pytest
-from skimage import data
 from skimage.transform import SimilarityTransform
 
-from kpface.errors import InputError
+from kpface.errors import InputError, ModelError
 from kpface.landmarks import ARCFACE_TEMPLATE_112
 from kpface.manifest import load_manifest
+from kpface.models import Recognizer
 from kpface.pipeline import FacePipeline, Gallery, compare
 from kpface.runtimes import open_session
-
-# Astronaut (Eileen Collins) face on skimage.data.astronaut(), as MTCNN finds it (checked by
-# eye on the annotated image). Here they only feed a stand-in detector.
-ASTRONAUT_BOX = np.array([180, 60, 267, 173], np.float32)
-ASTRONAUT_LANDMARKS = np.array([[203.7, 100.3], [247.2, 103.4], [224.5, 128.2],
-                                [200.7, 138.5], [245.4, 142.1]], np.float32)
+from kpface.samples import ASTRONAUT_BOX, ASTRONAUT_LANDMARKS, astronaut_bgr
 
 
 @dataclass
@@ -43,7 +38,7 @@ class FixedDetector:
 
 @pytest.fixture(scope="module")
 def astronaut():
-    return cv2.cvtColor(data.astronaut(), cv2.COLOR_RGB2BGR)
+    return astronaut_bgr()
 
 
 @pytest.fixture(scope="module")
@@ -128,14 +123,66 @@ def test_bad_image_is_an_input_error(pipe):
 def test_compare_threshold_and_symmetry():
     rng = np.random.default_rng(0)
     a = rng.normal(size=512).astype(np.float32)
-    c = compare(a, a * 3)
+    c = compare(a, a * 3, 0.3)
     assert c.cosine == pytest.approx(1.0) and c.same
-    d = compare(a, -a)
+    d = compare(a, -a, 0.3)
     assert d.cosine == pytest.approx(-1.0) and not d.same
     b = rng.normal(size=512)
-    assert compare(a, b).cosine == pytest.approx(compare(b, a).cosine)
+    assert compare(a, b, 0.3).cosine == pytest.approx(compare(b, a, 0.3).cosine)
     with pytest.raises(InputError, match="different sizes"):
-        compare(a, a[:10])
+        compare(a, a[:10], 0.3)
+    assert compare(a, a * 3, 0.99).same and not compare(a, b, 0.9).same
+    with pytest.raises(TypeError):
+        compare(a, b)  # no threshold of its own: it comes from the recognizer's manifest
+
+
+def test_threshold_comes_from_the_manifest_only(tiny_recognizer):
+    m = load_manifest(tiny_recognizer)
+    sess = open_session(tiny_recognizer, threads=1)
+    p = FacePipeline(FixedDetector(), sess, dict(m, threshold=0.42))
+    assert p.threshold == 0.42 and p.recognizer.threshold == 0.42
+    assert p.compare(np.ones(4), np.ones(4)).threshold == 0.42
+    no_threshold = {k: v for k, v in m.items() if k != "threshold"}
+    with pytest.raises(ModelError, match="no 'threshold'"):
+        FacePipeline(FixedDetector(), sess, no_threshold)
+    with pytest.raises(ModelError, match="not a cosine"):
+        Recognizer(tiny_recognizer, manifest=dict(m, threshold="high"), session=sess)
+
+
+def test_keypoint_model_runs_once_per_image_on_all_faces(tiny_recognizer, astronaut):
+    calls = []
+
+    class Keypoints:
+        def predict_many(self, image, detections):
+            calls.append(len(detections))
+            return np.stack([d.landmarks + 1.0 for d in detections])
+    p = FacePipeline(FixedDetector(n=3), open_session(tiny_recognizer, threads=1),
+                     load_manifest(tiny_recognizer), keypoints=Keypoints())
+    faces = p(astronaut)
+    assert calls == [3] and len(faces) == 3
+    np.testing.assert_allclose(faces[2].landmarks, ASTRONAUT_LANDMARKS + 3 * 2 + 1.0, atol=1e-5)
+
+
+def test_recognizer_reads_its_manifest(tiny_recognizer, astronaut):
+    rec = Recognizer(tiny_recognizer, threads=1)
+    assert (rec.size, rec.embedding_size, rec.arch) == ((112, 112), 512, "vit_kprpe_tiny")
+    assert rec.uses_keypoints and rec.normalize and not rec.mirror_sum
+    assert rec.threshold == load_manifest(tiny_recognizer)["threshold"]
+    assert rec.random_weights and rec.weights["random_weights"] is True
+    assert rec.crop_methods == ("aligned", "square") and rec.dense_output is None
+    crop, pts, _ = rec.crop(astronaut, ASTRONAUT_LANDMARKS)
+    feeds, _ = rec.inputs([crop], [pts])
+    assert sorted(feeds) == ["image", "keypoints"]
+    np.testing.assert_allclose(feeds["keypoints"][0], pts / 112, atol=1e-6)
+    want = reference_embedding(tiny_recognizer, astronaut, ASTRONAUT_LANDMARKS)
+    assert float(rec.embed([crop], [pts])[0] @ want) > 0.9999
+    assert rec.embed([], []).shape == (0, 512)
+    # A manifest that contradicts the graph is refused.
+    m = load_manifest(tiny_recognizer)
+    with pytest.raises(ModelError, match="keypoints.used = False"):
+        Recognizer(tiny_recognizer, manifest=dict(m, keypoints=dict(m["keypoints"], used=False)))
+    with pytest.raises(InputError, match="convention"):
+        rec.crop(astronaut, ASTRONAUT_LANDMARKS, convention="tilted")
 
 
 def test_gallery_enroll_identify_remove_save_load(tmp_path):

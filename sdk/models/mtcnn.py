@@ -1,0 +1,151 @@
+"""MTCNN as a torch-free detector: an image pyramid through P-Net, NMS, then R-Net and O-Net
+refinement, in numpy. The cascade's constants (minimum face, scale factor, thresholds, NMS
+settings, crop sizes) come from the manifest's ``mtcnn`` block."""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Sequence
+
+import cv2
+import numpy as np
+
+from ..align import _check_image
+from ..errors import InputError
+from ..postprocess import nms
+from ..preprocess import Normalizer
+from .base import Detection, Model, require
+
+log = logging.getLogger(__name__)
+
+
+def _square(boxes: np.ndarray) -> np.ndarray:
+    """Grow boxes to squares of side max(w, h) around the same centre."""
+    out = boxes.copy()
+    w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    side = np.maximum(w, h)
+    out[:, 0] = boxes[:, 0] + (w - side) / 2
+    out[:, 1] = boxes[:, 1] + (h - side) / 2
+    out[:, 2] = out[:, 0] + side
+    out[:, 3] = out[:, 1] + side
+    return out
+
+
+def _regress(boxes: np.ndarray, reg: np.ndarray, plus_one: bool) -> np.ndarray:
+    """Shift each edge by its regression times the box size."""
+    extra = 1.0 if plus_one else 0.0
+    w = boxes[:, 2] - boxes[:, 0] + extra
+    h = boxes[:, 3] - boxes[:, 1] + extra
+    return boxes + reg * np.stack([w, h, w, h], axis=1)
+
+
+class MTCNNDetector(Model):
+    """MTCNN cascade: image pyramid through P-Net, NMS, R-Net and O-Net refinement (numpy)."""
+
+    arch_prefix = "mtcnn"
+    task = "detector"
+
+    def __init__(self, model_dir: str | os.PathLike, runtime: str = "onnxruntime",
+                 precision: str = "fp32", threads: int | None = None,
+                 manifest: dict | None = None, min_face_size: int | None = None,
+                 thresholds: Sequence[float] | None = None, device: str | None = None):
+        super().__init__(model_dir, runtime, precision, threads, manifest, device)
+        self.norm = Normalizer(require(self.manifest, "preprocess"), self.name)
+        cfg = require(self.manifest, "mtcnn")
+        self.min_face_size = int(min_face_size or cfg["min_face_size"])
+        self.factor = float(cfg["scale_factor"])
+        self.thresholds = [float(t) for t in (thresholds or cfg["thresholds"])]
+        self.stride, self.cell = int(cfg["pnet_stride"]), int(cfg["pnet_cell"])
+        self.rnet_size, self.onet_size = int(cfg["rnet_size"]), int(cfg["onet_size"])
+        self.nms_cfg = cfg["nms"]
+        if self.min_face_size < self.cell:
+            raise InputError(f"min_face_size must be >= {self.cell} pixels, "
+                             f"got {self.min_face_size}")
+        self.pnet = self._session("pnet")
+        self.rnet = self._session("rnet")
+        self.onet = self._session("onet")
+
+    def scales(self, height: int, width: int) -> list[float]:
+        m = self.cell / self.min_face_size
+        side = min(height, width) * m
+        out = []
+        while side >= self.cell:
+            out.append(m * self.factor ** len(out))
+            side *= self.factor
+        return out
+
+    def _stage1(self, image: np.ndarray) -> np.ndarray:
+        h, w = image.shape[:2]
+        found = []
+        for s in self.scales(h, w):
+            hs, ws = int(h * s + 1), int(w * s + 1)
+            x = self.norm(cv2.resize(image, (ws, hs), interpolation=cv2.INTER_AREA))
+            out = self.pnet.run({"image": x})
+            prob, reg = out["prob"][0, 1], out["reg"][0]
+            ys, xs = np.nonzero(prob >= self.thresholds[0])
+            if ys.size == 0:
+                continue
+            cells = np.stack([xs, ys], axis=1).astype(np.float64) * self.stride
+            boxes = np.concatenate([np.floor((cells + 1) / s),
+                                    np.floor((cells + self.cell) / s)], axis=1)
+            cand = np.concatenate([boxes, prob[ys, xs, None], reg[:, ys, xs].T], axis=1)
+            keep = nms(cand[:, :4], cand[:, 4], float(self.nms_cfg["per_scale"]))
+            found.append(cand[keep])
+        if not found:
+            return np.zeros((0, 5))
+        cand = np.concatenate(found)
+        cand = cand[nms(cand[:, :4], cand[:, 4], float(self.nms_cfg["pnet"]))]
+        boxes = _square(_regress(cand[:, :4], cand[:, 5:9], plus_one=False))
+        return np.concatenate([boxes, cand[:, 4:5]], axis=1)
+
+    def _crops(self, image: np.ndarray, boxes: np.ndarray, size: int):
+        """Zero-padded integer crops of ``boxes`` resized to ``size``; returns (batch, origins,
+        crop sizes) with origins/sizes as (x, y) in pixels."""
+        h, w = image.shape[:2]
+        xa = np.floor(boxes[:, 0]).astype(int)
+        ya = np.floor(boxes[:, 1]).astype(int)
+        xb = np.maximum(np.floor(boxes[:, 2]).astype(int), xa)
+        yb = np.maximum(np.floor(boxes[:, 3]).astype(int), ya)
+        batch = np.empty((len(boxes), size, size, 3), dtype=np.uint8)
+        for i in range(len(boxes)):
+            patch = np.zeros((yb[i] - ya[i] + 1, xb[i] - xa[i] + 1, 3), dtype=np.uint8)
+            x0, y0 = max(xa[i], 0), max(ya[i], 0)
+            x1, y1 = min(xb[i] + 1, w), min(yb[i] + 1, h)
+            if x1 > x0 and y1 > y0:
+                patch[y0 - ya[i]:y1 - ya[i], x0 - xa[i]:x1 - xa[i]] = image[y0:y1, x0:x1]
+            batch[i] = cv2.resize(patch, (size, size), interpolation=cv2.INTER_AREA)
+        origins = np.stack([xa, ya], axis=1).astype(np.float64)
+        sizes = np.stack([xb - xa + 1, yb - ya + 1], axis=1).astype(np.float64)
+        return self.norm(batch), origins, sizes
+
+    def detect(self, image_bgr: np.ndarray) -> list[Detection]:
+        image = _check_image(image_bgr)
+        cand = self._stage1(image)
+        if len(cand) == 0:
+            return []
+        # R-Net: re-score and refine the proposals.
+        x, _, _ = self._crops(image, cand[:, :4], self.rnet_size)
+        out = self.rnet.run({"image": x})
+        score = out["prob"][:, 1]
+        ok = score >= self.thresholds[1]
+        if not ok.any():
+            return []
+        boxes, score, reg = cand[ok, :4], score[ok], out["reg"][ok]
+        keep = nms(boxes, score, float(self.nms_cfg["rnet"]))
+        boxes = _square(_regress(boxes[keep], reg[keep], plus_one=True))
+        # O-Net: final score, box and landmarks.
+        x, origins, sizes = self._crops(image, boxes, self.onet_size)
+        out = self.onet.run({"image": x})
+        score = out["prob"][:, 1]
+        ok = score >= self.thresholds[2]
+        if not ok.any():
+            return []
+        boxes, score, reg = boxes[ok], score[ok], out["reg"][ok]
+        rel = out["landmarks"][ok].reshape(-1, 2, 5).transpose(0, 2, 1)  # -> [N, 5, (x, y)]
+        lms = origins[ok, None, :] + rel * sizes[ok, None, :]
+        boxes = _regress(boxes, reg, plus_one=True)
+        keep = nms(boxes, score, float(self.nms_cfg["onet"]),
+                   mode=str(self.nms_cfg.get("onet_mode", "union")))
+        log.debug("mtcnn: %d proposals, %d after R-Net, %d faces", len(cand), len(x), len(keep))
+        return [Detection(boxes[i].astype(np.float32), float(score[i]),
+                          lms[i].astype(np.float32)) for i in keep]
