@@ -109,15 +109,14 @@ class DetectStage:
     def __call__(self, image: np.ndarray | bytes) -> dict[str, Any]:
         """``{"faces": [Face without embedding], "crops": [N, S, S, 3] uint8,
         "points": [N, 5, 2]}``; undecodable bytes raise :class:`InputError`."""
-        from .align import crop_face
         from .image import decode_image, to_bgr8
         image = decode_image(image) if isinstance(image, (bytes, bytearray)) else to_bgr8(image)
         faces = self.pipe.detect(image)
         crops = np.zeros((len(faces), self.size, self.size, 3), np.uint8)
         points = np.zeros((len(faces), 5, 2), np.float64)
         for i, face in enumerate(faces):
-            crops[i], points[i], _ = crop_face(image, face.landmarks, size=self.size,
-                                               convention=self.pipe.convention, box=face.box)
+            # The recognizer's own crop (ArcFace-aligned, square, or dlib's face chip).
+            crops[i], points[i], _ = self.pipe.crop(image, face)
         return {"faces": faces, "crops": crops, "points": points}
 
 
