@@ -1,4 +1,6 @@
 """Calibration / held-out face crops and the engine table."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -86,6 +88,25 @@ def test_image_feeds_for_detector_graphs():
     feeds = cal.image_feeds({"preprocess": {"mean": [127.5] * 3, "std": [128.0] * 3}}, graph)
     assert sum(len(f["image"]) for f in feeds) == 6
     assert feeds[0]["image"].shape[1:] == (3, 24, 24)
+
+
+def test_calibration_reads_images_like_everywhere_else(tmp_path):
+    import cv2
+
+    from kpface import samples
+    from kpface.image import load_image
+    for i in range(3):
+        cv2.imwrite(str(tmp_path / f"{i}.pgm"), np.full((112, 112), 90 + i, np.uint8))
+    faces = cal.base_faces(None, tmp_path, use_builtin=False)
+    assert [Path(n.split(":", 1)[1]).suffix for n, _, _ in faces] == [".pgm"] * 3
+    (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    with pytest.raises(InputError) as e:
+        cal.recognizer_data(user_images=tmp_path)
+    with pytest.raises(InputError) as want:
+        load_image(tmp_path / "bad.jpg")
+    assert str(e.value) == str(want.value)
+    astronaut = [lm for n, _, lm in cal.base_faces(None) if n == "astronaut"]
+    np.testing.assert_array_equal(astronaut[0], samples.ASTRONAUT_LANDMARKS)
 
 
 # --- the engine table ------------------------------------------------------------------------
