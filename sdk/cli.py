@@ -64,11 +64,58 @@ def cmd_export(args) -> int:
 
 # -- build ------------------------------------------------------------------------------------
 
+def calibration_detector(spec, model_dir, threads: int | None = None):
+    """The ``detect(image_bgr)`` that finds a recognizer's calibration faces, or None.
+
+    ``spec``: ``"auto"`` (``MODEL_DIR/../detector`` when it holds an exported model: the layout
+    of a models directory, so calibration faces come from the pipeline's own detection stage),
+    a detector model directory, ``"none"`` / None (known landmarks of the sample faces), or a
+    callable (returned as it is).
+    """
+    from .manifest import MANIFEST_NAME
+    if spec is None or spec == "none" or callable(spec):
+        return spec if callable(spec) else None
+    if spec == "auto":
+        candidate = Path(model_dir).parent / "detector"
+        if not (candidate / MANIFEST_NAME).is_file():
+            return None
+        spec = candidate
+    from .detect import load_detector
+    det = load_detector(spec, threads=threads)
+    log.info("calibration faces come from the detector in %s", spec)
+    return det.detect
+
+
+def detector_factory(model_dir, threads: int | None = None):
+    """``make_detector(sessions)`` for a detector build's gate: the detector of ``model_dir``
+    with the sessions of ``sessions`` ({graph name: Session}) in place of its fp32 graphs.
+    Graph ``model`` is the detector's ``session``; other graphs (MTCNN's pnet, rnet, onet) are
+    attributes of their own name."""
+    from .detect import load_detector
+
+    def make(sessions):
+        det = load_detector(model_dir, threads=threads)
+        for graph, sess in sessions.items():
+            setattr(det, "session" if graph == "model" else graph, sess)
+        return det
+    return make
+
+
 def cmd_build(args) -> int:
     from kpface.runtimes.build import build
-    detector = {"auto": "auto", "none": None}.get(args.detector, args.detector)
+    from kpface.runtimes.engines import get_engine
+
+    from .manifest import load_manifest
+    get_engine(args.runtime).require(args.device, purpose="build")  # fails before any work
+    task = load_manifest(args.model_dir).get("task")
+    detect = make_detector = None
+    if task == "recognizer":
+        detect = calibration_detector(args.detector, args.model_dir)
+    elif task == "detector":
+        make_detector = detector_factory(args.model_dir)
     info = build(args.model_dir, args.runtime, args.precision, calib_images=args.calib,
-                 force=args.force, device=args.device, detector=detector, progress=say)
+                 force=args.force, device=args.device, detector=detect,
+                 make_detector=make_detector, progress=say)
     print(json.dumps(info.get("accuracy", {}), indent=2))
     print(f"built {info.get('dir', '')}")
     return 0
