@@ -57,8 +57,8 @@ def build(model_dir: str | os.PathLike, runtime: str, precision: str,
     .landmarks]`` callable that finds the calibration and held-out faces, or None (known
     landmarks of the sample faces). ``make_detector``: for detectors (required), a factory
     that makes the detector running on given sessions ({graph name: Session}; {} = the fp32
-    ONNX graphs), so the gate can compare detections. ``options``: engine-specific
-    quantization knobs (see each builder's ``build``).
+    ONNX graphs), so the gate can compare detections. ``options``: engine build options, only
+    the keys of the engine table's ``options`` column (others are refused before any work).
     """
     say = progress or (lambda m: log.info("%s", m))
     t_start = time.perf_counter()
@@ -66,6 +66,7 @@ def build(model_dir: str | os.PathLike, runtime: str, precision: str,
     manifest = load_manifest(model_dir)
     engine = get_engine(runtime)
     engine.check_precision(precision)
+    options = engine.check_options(options)
     if detector is not None and not callable(detector):
         raise InputError(f"build() takes a detect(image) callable as detector, not "
                          f"{detector!r}; open a detector directory with "

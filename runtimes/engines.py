@@ -1,5 +1,5 @@
 """The one table of engines. ``kpface build``, ``kpface bench``, the CLI help and the README
-read it; nothing else lists engines, precisions or install commands.
+read it; nothing else lists engines, precisions, build options or install commands.
 
 Each row names two modules: the one that *builds* the engine artifact (``builder``) and the
 one that *loads and runs* it (``adapter``). For most engines they are the same runtimes module;
@@ -19,7 +19,8 @@ Both kinds of module answer, as module-level functions:
 A builder also answers ``build(onnx_path, out_dir, precision, calibration, manifest,
 device=None, progress=None, options=None, name="model")``: it writes the engine artifact for
 ``onnx_path`` into ``out_dir`` and returns its description (``{"file": ..., "files": [...],
-"versions": {...}, ...}``) for ``build.json``. It may
+"versions": {...}, ...}``) for ``build.json``; ``options`` holds only the keys of the row's
+``options`` column (:meth:`Engine.check_options` refuses others before any work). It may
 answer ``gate_session(build_dir, info, threads, manifest, model_dir, graph)`` when the engine
 cannot run where it builds (the accuracy gate then measures that stand-in).
 
@@ -73,6 +74,8 @@ class Engine:
     devices: tuple[str, ...]       # the first is the default
     builds_from: str               # what the build starts from and what does the work
     install: str                   # one pip command
+    options: tuple[tuple[str, str], ...]  # (build option key, one-line meaning)
+    status: str                    # what has really run: "tested here", "untested", ...
     notes: str = ""
 
     def load_adapter(self) -> ModuleType:
@@ -108,6 +111,20 @@ class Engine:
             raise InputError(f"{self.name} has no {precision} build; choose one of: "
                              + ", ".join(self.precisions))
 
+    @property
+    def option_keys(self) -> tuple[str, ...]:
+        return tuple(k for k, _ in self.options)
+
+    def check_options(self, options: dict | None) -> dict:
+        """``options`` as a dict, or :class:`InputError` naming the first unknown key."""
+        options = dict(options or {})
+        for key in options:
+            if key not in self.option_keys:
+                accepted = ", ".join(self.option_keys) or "none"
+                raise InputError(f"{self.name} builds take no option {key!r}; it accepts: "
+                                 f"{accepted} (see `kpface build --help`)")
+        return options
+
     def row(self) -> dict:
         return asdict(self)
 
@@ -120,6 +137,18 @@ ENGINES: tuple[Engine, ...] = (
         builds_from="ONNX: float16 pass (fp32 I/O, LayerNorm/Softmax fp32) or static QDQ int8 "
                     "(onnxruntime.quantization)",
         install="pip install onnxruntime  (CUDA: pip install onnxruntime-gpu)",
+        options=(
+            ("method", "int8 calibration: minmax (default), entropy or percentile"),
+            ("per_channel", "int8 weights per output channel (default true) or per tensor"),
+            ("activation", "int8 activations: uint8 asymmetric (default) or int8 symmetric"),
+            ("weights", "int8 weight type: uint8 or int8 (default uint8 on x86 without VNNI)"),
+            ("exclude", "extra node names kept in float (a list)"),
+            ("keep_kprpe_float", "keep the KP-RPE keypoint path in float (default true)"),
+            ("quantize_attention", "quantize the q.k and attn.v MatMuls too (default false)"),
+            ("quantize_outputs", "quantize Conv/MatMul/Gemm outputs too (default false)"),
+            ("preprocess", "symbolic shape inference before quantizing (default true)"),
+        ),
+        status="tested here (cpu; cuda untested)",
         notes="the fp32 model.onnx needs no build"),
     Engine(
         "openvino", "OpenVINO", ".xml", "openvino",
@@ -127,7 +156,17 @@ ENGINES: tuple[Engine, ...] = (
         precisions=("fp32", "fp16", "int8"), devices=("cpu", "gpu", "npu"),
         builds_from="ONNX -> IR (openvino.convert_model); fp16 weight compression; int8 with "
                     "nncf.quantize",
-        install="pip install 'kpface[openvino]'  (openvino nncf)"),
+        install="pip install 'kpface[openvino]'  (openvino nncf)",
+        options=(
+            ("exclude", "extra op names NNCF leaves in float (a list)"),
+            ("keep_kprpe_float", "keep the KP-RPE keypoint path in float (default true)"),
+            ("quantize_attention", "quantize the attention products too (default false)"),
+            ("smooth_quant", "SmoothQuant alpha for MatMuls (default -1: off)"),
+            ("activation", "uint8 (default: NNCF preset MIXED) or int8 (preset PERFORMANCE)"),
+            ("overflow_fix", "NNCF overflow fix: enable, first_layer_only or disable "
+                             "(default enable on x86 without VNNI)"),
+        ),
+        status="tested here (cpu; gpu, npu untested)"),
     Engine(
         "tensorrt", "TensorRT", ".engine", "tensorrt",
         adapter="kpface.runtimes.tensorrt_rt", builder="kpface.runtimes.tensorrt_rt",
@@ -135,6 +174,13 @@ ENGINES: tuple[Engine, ...] = (
         builds_from="ONNX -> serialized engine (TensorRT builder, dynamic batch profile, "
                     "entropy calibrator for int8)",
         install="pip install 'kpface[tensorrt]'  (tensorrt cuda-python; needs an NVIDIA GPU)",
+        options=(
+            ("profile", "dynamic batch profile [min, opt, max] (default [1, 8, 32])"),
+            ("workspace", "builder workspace limit in bytes (default 2 GiB)"),
+            ("calibration_cache", "int8 calibration cache file (default: keyed by model and "
+                                  "crops, next to the builds)"),
+        ),
+        status="untested (never run: no NVIDIA GPU with TensorRT here)",
         notes="an engine runs only on the GPU model and TensorRT version it was built with"),
     Engine(
         "coreml", "Core ML", ".mlpackage", "coremltools",
@@ -143,6 +189,10 @@ ENGINES: tuple[Engine, ...] = (
         builds_from="torch model (arch + weights from the manifest) -> mlprogram "
                     "(coremltools.convert); int8 weights with coremltools.optimize",
         install="pip install 'kpface[coreml]'  (coremltools; prediction needs macOS)",
+        options=(
+            ("batches", "enumerated batch sizes of the ML program (default [1, 8])"),
+        ),
+        status="converts here (tested); predicts on macOS only (untested)",
         notes="converts on Linux, predicts only on macOS"),
 )
 
@@ -168,13 +218,15 @@ def availability(device: str | None = None) -> dict[str, tuple[bool, str]]:
 
 def markdown_table(check: bool = False) -> str:
     """The table as Markdown, for the README (``check`` adds an 'here' column)."""
-    head = ["runtime", "file", "precisions", "devices", "built from", "install"]
+    head = ["runtime", "file", "precisions", "devices", "built from", "build options", "status",
+            "install"]
     if check:
         head.append("here")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for e in ENGINES:
         cells = [f"`{e.name}`", f"`{e.suffix}`", ", ".join(e.precisions), ", ".join(e.devices),
-                 e.builds_from, f"`{e.install.split('  (')[0]}`"]
+                 e.builds_from, ", ".join(f"`{k}`" for k in e.option_keys) or "none", e.status,
+                 f"`{e.install.split('  (')[0]}`"]
         if check:
             ok, why = e.available()
             cells.append("yes" if ok else f"no: {why}")
@@ -184,13 +236,25 @@ def markdown_table(check: bool = False) -> str:
 
 def help_text() -> str:
     """One line per engine, for CLI ``--help``."""
-    return "\n".join(f"{e.name:12s} {'/'.join(e.precisions):15s} {','.join(e.devices):12s} "
-                     f"{e.builds_from.split(':')[0].split(' (')[0]}" for e in ENGINES)
+    return "\n".join(f"  {e.name:12s} {'/'.join(e.precisions):15s} {','.join(e.devices):12s} "
+                     f"{e.status}" for e in ENGINES)
+
+
+def options_text() -> str:
+    """Every engine's build options with their meaning, for ``kpface build --help`` and
+    ``kpface engines``."""
+    lines = []
+    for e in ENGINES:
+        lines.append(f"  {e.name}:" + ("" if e.options else " none"))
+        lines += [f"    {k:19s} {meaning}" for k, meaning in e.options]
+    return "\n".join(lines)
 
 
 def engine_table(check: bool = True) -> str:
-    """What ``kpface engines`` prints: the table, with whether each engine runs here."""
-    return markdown_table(check=check)
+    """What ``kpface engines`` prints: the table, with whether each engine runs here, and
+    the build options of each engine."""
+    return (markdown_table(check=check) + "\n\nbuild options (kpface build --option KEY=VALUE):\n"
+            + options_text())
 
 
 def cpu_flags() -> set[str]:
