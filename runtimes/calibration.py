@@ -12,18 +12,14 @@ pipeline feeds the recognizer: aligned 112x112 face crops plus the five keypoint
 Where the faces are: when a detector is given (``detect(image_bgr)`` returning, per face, a
 [5, 2] array of landmark pixels, or objects with a ``.landmarks`` attribute, as
 ``kpface.detect``'s detectors return), every image goes through it, exactly as in the
-pipeline. Without one, known landmarks are used instead:
+pipeline. Without one, the known geometry of :mod:`kpface.samples` is used instead (the LFW
+crops' fitted template, the astronaut's measured landmarks); the cameraman is in near profile
+with one eye hidden by the camera, so without a detector he is left out; a user image without
+a detector must be an aligned square face crop (template scaled to its size).
 
-* the LFW crops are roughly aligned already: their five points are the ArcFace template
-  (:data:`kpface.landmarks.ARCFACE_TEMPLATE_112`) scaled to the 25x25 crop, then moved by one
-  similarity (x1.043, 0.46 px left, 3.2 px up) fitted once to the eyes, nose and mouth of the
-  mean of the 100 crops, which sit higher in the crop than the template's;
-* the astronaut's five points were measured by hand on the 512x512 image (a few pixels of
-  error, well inside the alignment jitter below);
-* the cameraman is in near profile with one eye hidden by the camera, so without a detector
-  he is left out;
-* a user image without a detector must be an aligned square face crop (template scaled to
-  its size, like the LFW crops); anything else needs a detector.
+User images are read with :func:`kpface.image.load_image` (the suffixes of
+:data:`kpface.image.IMAGE_SUFFIXES`): a corrupt file is refused with the same one-line error as
+everywhere else.
 
 Every base face is aligned with the pipeline's least-squares similarity to the ArcFace template
 (:func:`kpface.align.estimate_similarity`), then
@@ -43,10 +39,11 @@ from typing import Any, Callable, Iterable, Sequence
 import cv2
 import numpy as np
 
+from kpface import samples
 from kpface.align import estimate_similarity, recognizer_inputs, template, transform_points
 from kpface.errors import InputError
-from kpface.image import to_bgr8
-from kpface.landmarks import ARCFACE_TEMPLATE_112
+from kpface.image import IMAGE_SUFFIXES, load_image
+from kpface.preprocess import Normalizer
 
 log = logging.getLogger(__name__)
 
@@ -55,15 +52,9 @@ Detect = Callable[[np.ndarray], Sequence[Any]]
 # Horizontal flip swaps image-left and image-right points: eyes (0, 1) and mouth corners (3, 4).
 FLIP_ORDER = [1, 0, 2, 4, 3]
 
-# Hand-measured on skimage.data.astronaut() (512x512), (x, y) pixels in landmark order.
-ASTRONAUT_LANDMARKS = np.array([[202.5, 100.0], [247.5, 102.5], [222.5, 126.0],
-                                [205.5, 142.5], [243.8, 142.5]], dtype=np.float32)
-
 # Used when no manifest is given: the KP-RPE ViT's pre-processing.
 DEFAULT_RECOGNIZER = {"preprocess": {"size": [112, 112], "color": "RGB",
                                      "mean": [127.5] * 3, "std": [127.5] * 3}}
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
 @dataclass
@@ -165,12 +156,6 @@ def align_crop(image_bgr: np.ndarray, landmarks: np.ndarray, size: int = 112,
 
 # --- sources -------------------------------------------------------------------------------
 
-def _to_bgr(img: np.ndarray, rgb: bool = True) -> np.ndarray:
-    """scikit-image sample (RGB, gray or float in [0, 1]) -> 8-bit BGR."""
-    img = to_bgr8(img, name="sample image")
-    return img[:, :, ::-1].copy() if rgb else img
-
-
 def _landmarks_of(found: Any) -> np.ndarray:
     pts = getattr(found, "landmarks", found)
     pts = np.asarray(pts, np.float32)
@@ -179,36 +164,14 @@ def _landmarks_of(found: Any) -> np.ndarray:
     return pts
 
 
-def template_landmarks(width: int, height: int) -> np.ndarray:
-    """The ArcFace template scaled to an aligned ``width`` x ``height`` face crop."""
-    return ARCFACE_TEMPLATE_112 * np.array([width / 112.0, height / 112.0], np.float32)
-
-
-# Fitted to the mean of lfw_subset()[:100] (25x25): template * scale + shift * size.
-LFW_SUBSET_FIT = (1.043, (-0.018, -0.129))
-
-
-def lfw_subset_landmarks(width: int, height: int) -> np.ndarray:
-    scale, (dx, dy) = LFW_SUBSET_FIT
-    return (template_landmarks(width, height) * scale
-            + np.array([dx * width, dy * height], np.float32)).astype(np.float32)
-
-
 def _read_folder(folder: str | os.PathLike) -> list[tuple[str, np.ndarray]]:
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(f"calibration folder {folder} does not exist; pass a folder of images")
-    out = []
-    for p in sorted(folder.rglob("*")):
-        if p.suffix.lower() not in IMAGE_SUFFIXES:
-            continue
-        img = cv2.imread(str(p), cv2.IMREAD_COLOR)
-        if img is None:
-            log.warning("skipping %s: not a readable image", p)
-            continue
-        out.append((str(p), img))
+    out = [(str(p), load_image(p)) for p in sorted(folder.rglob("*"))
+           if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
     if not out:
-        raise InputError(f"calibration folder {folder} holds no readable images "
+        raise InputError(f"calibration folder {folder} holds no images "
                          f"({', '.join(IMAGE_SUFFIXES)})")
     return out
 
@@ -230,14 +193,7 @@ def base_faces(detect: Detect | None = None, user_images: str | os.PathLike | No
             faces.append((name, img, fallback))
 
     if use_builtin:
-        try:
-            import skimage.data as skd
-        except ImportError:
-            raise InputError("built-in calibration faces need scikit-image: "
-                             "pip install scikit-image, or pass --calib FOLDER") from None
-        lfw = skd.lfw_subset()[:max_lfw]  # first 100: faces
-        for i, crop in enumerate(lfw):
-            img = _to_bgr(crop)
+        for i, img in enumerate(samples.lfw_subset_bgr()[:max_lfw]):
             h, w = img.shape[:2]
             if detect is not None:
                 # A 25x25 crop is too small for a scene detector: pad it into context first.
@@ -247,9 +203,9 @@ def base_faces(detect: Detect | None = None, user_images: str | os.PathLike | No
                 if found:
                     faces.append((f"lfw_subset[{i}]#0", pad, _landmarks_of(found[0])))
                     continue
-            faces.append((f"lfw_subset[{i}]", img, lfw_subset_landmarks(w, h)))
-        add_scene("astronaut", _to_bgr(skd.astronaut()), ASTRONAUT_LANDMARKS)
-        add_scene("camera", _to_bgr(skd.camera()), None)
+            faces.append((f"lfw_subset[{i}]", img, samples.lfw_subset_landmarks(w, h)))
+        add_scene("astronaut", samples.astronaut_bgr(), samples.ASTRONAUT_LANDMARKS)
+        add_scene("camera", samples.camera_bgr(), None)
     if user_images is not None:
         for path, img in _read_folder(user_images):
             name = f"user:{Path(path).name}"
@@ -257,7 +213,7 @@ def base_faces(detect: Detect | None = None, user_images: str | os.PathLike | No
             if detect is not None:
                 add_scene(name, img, None)
             elif abs(h - w) <= 2:
-                faces.append((name, img, template_landmarks(w, h)))
+                faces.append((name, img, samples.template_landmarks(w, h)))
             else:
                 raise InputError(f"{path} is not a square face crop; without a detector "
                                  "calibration images must be aligned face crops (pass a "
@@ -265,17 +221,6 @@ def base_faces(detect: Detect | None = None, user_images: str | os.PathLike | No
     if not faces:
         raise InputError("no calibration faces were found; pass --calib FOLDER with face images")
     return faces
-
-
-def normalise(crops_bgr: np.ndarray, manifest: dict | None = None) -> np.ndarray:
-    """[N, H, W, 3] BGR uint8 -> [N, 3, H, W] float32 as the manifest's ``preprocess`` says
-    (for image graphs without keypoints; recognizer crops go through recognizer_inputs)."""
-    pre = (manifest or {}).get("preprocess", {})
-    mean = np.asarray(pre.get("mean", [127.5] * 3), np.float32)
-    std = np.asarray(pre.get("std", [127.5] * 3), np.float32)
-    x = crops_bgr[..., ::-1] if pre.get("color", "RGB") == "RGB" else crops_bgr
-    x = (x.astype(np.float32) - mean) / std
-    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
 
 
 def make_faceset(faces: Sequence[tuple[str, np.ndarray, np.ndarray]], count: int,
@@ -374,13 +319,11 @@ def image_feeds(manifest: dict, graph: dict, n: int = 6, seed: int = 0,
     pre = manifest.get("preprocess", {})
     size = pre.get("size") or [pre.get("width", 160), pre.get("height", 160)]
     w, h = _spatial(shape[3], int(size[0])), _spatial(shape[2], int(size[1]))
-    import skimage.data as skd
     rng = np.random.default_rng(seed)
-    lfw = skd.lfw_subset()[:100]
-    sources = [_to_bgr(skd.astronaut()), _to_bgr(skd.camera())]
-    sources += [_to_bgr(lfw[i]) for i in rng.choice(len(lfw), max(0, n - 2), replace=False)]
+    lfw = samples.lfw_subset_bgr()
+    sources = [samples.astronaut_bgr(), samples.camera_bgr()]
+    sources += [lfw[i] for i in rng.choice(len(lfw), max(0, n - 2), replace=False)]
     imgs = np.stack([cv2.resize(im, (w, h), interpolation=cv2.INTER_AREA) for im in sources[:n]])
-    x = normalise(imgs, {"preprocess": {"mean": pre.get("mean", [127.5] * 3),
-                                        "std": pre.get("std", [127.5] * 3),
-                                        "color": pre.get("color", "RGB")}})
+    x = Normalizer({"mean": pre.get("mean", [127.5] * 3), "std": pre.get("std", [127.5] * 3),
+                    "color": pre.get("color", "RGB")}, label=str(manifest.get("name", "model")))(imgs)
     return [{"image": x[i:i + batch]} for i in range(0, len(x), batch)]

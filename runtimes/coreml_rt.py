@@ -1,41 +1,23 @@
-"""Core ML adapter: torch model -> ML program (``<graph>.mlpackage``), fp32 / fp16 / int8 weights.
+"""Core ML adapter, run side: availability, device key, the saved spec's check, prediction.
 
-Core ML converts from torch, not from ONNX, so a build needs the torch model: the architecture
-comes from the manifest (``arch``) and the weights, in this order, from
-
-1. ``weights.safetensors`` stored by ``export_model(..., save_weights=True)`` (listed in the
-   manifest as ``torch_weights`` and hash-checked with the rest of the model directory);
-2. the source checkpoint (``source.path``), if it is still there with the sha256 recorded at export;
-3. the weights an installed package ships for the architecture (``packaged_weights``).
-
-A model exported with random weights and without ``save_weights`` cannot be converted (its
-random initialisation is not reproducible); the build says so. Before converting, the torch
-model is checked against ``model.onnx`` so wrong weights are refused.
-
-Conversion: ``torch.jit.trace`` + ``coremltools.convert`` to an ``mlprogram`` with named fp32
-inputs (``image``, ``keypoints``) and output (``embedding``), enumerated batch sizes (1 and 8
-by default; several enumerated inputs need iOS 18 / macOS 15), fp32 or fp16 compute precision
-(LayerNorm and softmax stay fp32), and for int8 ``coremltools.optimize.coreml.
-linear_quantize_weights`` (symmetric, per channel; activations stay fp16).
-
-Conversion and the check of the saved spec run anywhere coremltools installs. Prediction needs
-macOS: ``load()`` says so on Linux, and the build's accuracy gate there measures a torch
-stand-in with the same weight rounding (fp16 / int8 per channel), computed in fp32; the build
-records that in its ``accuracy.method``.
+A Core ML build is an ML program (``<graph>.mlpackage``) converted from the torch model by
+:mod:`kpface.export.coreml_convert` (the engine table names it as Core ML's builder: conversion
+needs torch, which :mod:`kpface.runtimes` never imports). This module only reads what it wrote:
+:func:`check_spec` reads a saved package's spec back (names, fp32 dtypes, enumerated batch
+sizes) anywhere coremltools installs, and :class:`CoreMLSession` predicts, which needs macOS:
+``load()`` says so elsewhere.
 """
 from __future__ import annotations
 
 import logging
 import os
 import sys
-import time
-import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
-from kpface.errors import EngineUnavailable, InputError, ModelError
+from kpface.errors import EngineUnavailable, ModelError
 
 from .engines import quiet
 
@@ -43,12 +25,10 @@ log = logging.getLogger(__name__)
 
 INSTALL = "pip install 'kpface[coreml]'  (coremltools)"
 DEFAULT_BATCHES = (1, 8)
-FP32_OPS = ("layer_norm", "softmax")     # MIL op types kept fp32 in fp16 programs
-WEIGHT_THRESHOLD = 2048                  # smaller weights stay fp16 (coremltools' default)
-TARGET = "macOS15"                       # several EnumeratedShapes inputs need iOS 18 / macOS 15
 
 
-def _import_ct():
+def import_coremltools():
+    """The coremltools module, or :class:`EngineUnavailable` saying how to install it."""
     try:
         with quiet("coremltools"):  # import-time notices about untested torch / sklearn
             import coremltools as ct
@@ -58,18 +38,13 @@ def _import_ct():
 
 
 def available(device: str | None = None, purpose: str = "run") -> tuple[bool, str]:
-    """``purpose="build"`` asks whether conversion works here (any OS with coremltools and
-    torch); ``"run"`` whether prediction does (macOS only)."""
+    """``"run"``: can Core ML predict here (macOS only)? ``"build"``: is coremltools here (the
+    builder, :mod:`kpface.export.coreml_convert`, also needs torch and says so)?"""
     try:
-        ct = _import_ct()
+        ct = import_coremltools()
     except EngineUnavailable as e:
         return False, str(e)
     if purpose == "build":
-        try:
-            import torch  # noqa: F401  (conversion traces the torch model)
-        except ImportError:
-            return False, ("Core ML conversion starts from the torch model: "
-                           "pip install 'kpface[export]'")
         return True, f"coremltools {ct.__version__} (conversion)"
     if sys.platform != "darwin":
         return False, (f"Core ML prediction needs macOS (this is {sys.platform}); "
@@ -81,143 +56,9 @@ def device_key(device: str | None = None) -> str:
     return "apple"
 
 
-def versions() -> dict[str, str]:
-    ct = _import_ct()
-    import torch
-    return {"coremltools": ct.__version__, "torch": torch.__version__}
-
-
-# --- the torch model -----------------------------------------------------------------------
-
-def torch_model(manifest: dict, model_dir: str | os.PathLike):
-    """(eval-mode torch module, where its weights came from) for ``manifest``'s arch."""
-    from kpface.export.onnx_export import build_model
-    from kpface.manifest import sha256_file
-
-    model_dir = Path(model_dir)
-    arch = manifest.get("arch")
-    source = manifest.get("source", {}) or {}
-    stored = manifest.get("torch_weights")
-    if stored:
-        path = model_dir / stored
-        _, model, _ = build_model(arch, weights=path)
-        return model.eval(), str(path)
-    ckpt = source.get("path")
-    if ckpt and Path(ckpt).is_file() and sha256_file(ckpt) == source.get("sha256"):
-        _, model, _ = build_model(arch, weights=ckpt)
-        return model.eval(), str(ckpt)
-    from kpface.export import registry
-    if not source.get("random_weights") and registry.get(arch).packaged_weights is not None:
-        _, model, _ = build_model(arch)
-        return model.eval(), "packaged weights"
-    why = ("was exported with random weights" if source.get("random_weights")
-           else f"records checkpoint {ckpt!r}, which is gone or changed")
-    raise ModelError(f"Core ML converts from torch and {model_dir} {why}; re-export it with "
-                     "export_model(..., save_weights=True) or with the checkpoint (--weights PATH)")
-
-
-def _check_against_onnx(module, onnx_path: Path, graph: dict, batch: int = 2) -> float:
-    """Cosine of torch vs ONNX outputs on seeded random inputs; refuse other weights."""
-    import torch
-
-    from .session import OrtSession
-    rng = np.random.default_rng(0)
-    feeds = {}
-    for spec in graph["inputs"]:
-        shape = [batch if isinstance(d, str) else d for d in spec["shape"]]
-        if spec["name"] == "keypoints":
-            feeds["keypoints"] = (0.35 + 0.3 * rng.random(shape)).astype(np.float32)
-        else:
-            feeds[spec["name"]] = rng.uniform(-1, 1, shape).astype(np.float32)
-    with torch.no_grad():
-        ref = module(*[torch.from_numpy(feeds[s["name"]]) for s in graph["inputs"]])
-    ref = (ref if isinstance(ref, (tuple, list)) else (ref,))[0].numpy().ravel()
-    got = next(iter(OrtSession(onnx_path, threads=1).run(feeds).values())).ravel()
-    cos = float(ref @ got / (np.linalg.norm(ref) * np.linalg.norm(got) + 1e-30))
-    if cos < 0.9999:
-        raise ModelError(f"the torch weights found for Core ML do not reproduce {onnx_path} "
-                         f"(cosine {cos:.5f}); re-export the model with save_weights=True")
-    return cos
-
-
-# --- conversion ----------------------------------------------------------------------------
-
-_PATCHED = False
-
-
-def _patch_int_cast() -> None:
-    """coremltools 9 folds ``int(tensor)`` with ``int(np_array)``, which numpy >= 2.3 refuses
-    for arrays of one element (the traced ``x.shape[0]`` of a reshape). Override the ``int`` /
-    ``bool`` converters with a version that takes ``.item()``; other cases go to the original."""
-    global _PATCHED
-    if _PATCHED:
-        return
-    from coremltools.converters.mil import Builder as mb
-    from coremltools.converters.mil.frontend.torch import ops as ctops
-    from coremltools.converters.mil.frontend.torch.torch_op_registry import register_torch_op
-
-    def cast(context, node, dtype, dtype_name):
-        x = ctops._get_inputs(context, node, expected=1)[0]
-        if x.can_be_folded_to_const() and np.size(x.val) == 1:
-            value = dtype(np.asarray(x.val).reshape(()).item())
-            context.add(mb.const(val=value, name=node.name), node.name)
-        else:
-            ctops._cast(context, node, dtype, dtype_name)
-
-    @register_torch_op(torch_alias=["int"], override=True)
-    def _int(context, node):
-        cast(context, node, int, "int32")
-
-    @register_torch_op(torch_alias=["bool"], override=True)
-    def _bool(context, node):
-        cast(context, node, bool, "bool")
-
-    _PATCHED = True
-
-
-def convert(module, graph: dict, precision: str, batches=DEFAULT_BATCHES):
-    """The ``ct.models.MLModel`` of ``module`` at ``precision`` (weights not yet quantized)."""
-    import torch
-    ct = _import_ct()
-    _patch_int_cast()
-    example = []
-    inputs = []
-    for spec in graph["inputs"]:
-        shape = list(spec["shape"])
-        if any(isinstance(d, str) for d in shape[1:]):
-            raise InputError(f"Core ML builds need fixed sizes except the batch; input "
-                             f"{spec['name']} is {shape}")
-        shapes = [[b] + shape[1:] for b in batches]
-        inputs.append(ct.TensorType(name=spec["name"], dtype=np.float32,
-                                    shape=ct.EnumeratedShapes(shapes=shapes, default=shapes[0])))
-        fill = 0.5 if spec["name"] == "keypoints" else 0.0
-        example.append(torch.full(shapes[0], fill))
-    outputs = [ct.TensorType(name=o["name"], dtype=np.float32) for o in graph["outputs"]]
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # jit.trace: still what ct reads
-        traced = torch.jit.trace(module, tuple(example), check_trace=False)
-    if precision == "fp32":
-        compute = ct.precision.FLOAT32
-    else:
-        compute = ct.transform.FP16ComputePrecision(op_selector=lambda op: op.op_type not in FP32_OPS)
-    with quiet("coremltools"):  # tqdm bars on stderr
-        return ct.convert(traced, inputs=inputs, outputs=outputs, convert_to="mlprogram",
-                          compute_precision=compute,
-                          minimum_deployment_target=getattr(ct.target, TARGET))
-
-
-def quantize_weights(mlmodel):
-    import coremltools.optimize as cto
-    config = cto.coreml.OptimizationConfig(global_config=cto.coreml.OpLinearQuantizerConfig(
-        mode="linear_symmetric", dtype="int8", granularity="per_channel",
-        weight_threshold=WEIGHT_THRESHOLD))
-    with quiet("coremltools"):
-        return cto.coreml.linear_quantize_weights(mlmodel, config=config)
-
-
 def check_spec(path: str | os.PathLike, graph: dict, batches=DEFAULT_BATCHES) -> dict[str, Any]:
     """Read the saved package's spec back and check names, dtypes and enumerated shapes."""
-    ct = _import_ct()
+    ct = import_coremltools()
     spec = ct.models.MLModel(str(path), skip_model_load=True).get_spec()
     fp32 = ct.proto.FeatureTypes_pb2.ArrayFeatureType.FLOAT32
     got_in = {}
@@ -243,54 +84,13 @@ def check_spec(path: str | os.PathLike, graph: dict, batches=DEFAULT_BATCHES) ->
             "spec_version": int(spec.specificationVersion)}
 
 
-def build(onnx_path: str | os.PathLike, out_dir: str | os.PathLike, precision: str,
-          calibration: Any = None, manifest: dict | None = None, device: str | None = None,
-          progress: Callable[[str], None] | None = None, options: dict | None = None,
-          name: str = "model") -> dict[str, Any]:
-    """Write ``<name>.mlpackage`` into ``out_dir`` (``calibration`` is not used: Core ML int8
-    here is weight-only)."""
-    say = progress or (lambda m: log.info("%s", m))
-    options = options or {}
-    if precision not in ("fp32", "fp16", "int8"):
-        raise InputError(f"coreml has no {precision} build; choose fp32, fp16 or int8")
-    if manifest is None:
-        raise InputError("a Core ML build needs the model's manifest (arch and weights)")
-    onnx_path, out_dir = Path(onnx_path), Path(out_dir)
-    graph = manifest["graphs"][name]
-    batches = tuple(options.get("batches", DEFAULT_BATCHES))
-    t0 = time.perf_counter()
-    module, weights_from = torch_model(manifest, onnx_path.parent)
-    cos = _check_against_onnx(module, onnx_path, graph)
-    say(f"converting {manifest.get('arch')} from torch to a Core ML ML program ({precision}, "
-        f"batch sizes {', '.join(map(str, batches))})")
-    mlmodel = convert(module, graph, precision, batches)
-    if precision == "int8":
-        say("quantizing Core ML weights to int8 (linear symmetric, per channel)")
-        mlmodel = quantize_weights(mlmodel)
-    pkg = out_dir / f"{name}.mlpackage"
-    mlmodel.save(str(pkg))
-    files = sorted(str(p.relative_to(out_dir)) for p in pkg.rglob("*") if p.is_file())
-    info = {"file": pkg.name, "files": files, "versions": versions(),
-            "method": "torch.jit.trace + coremltools.convert(mlprogram)",
-            "weights_from": weights_from, "torch_vs_onnx_cosine": cos,
-            "batch_sizes": list(batches), "minimum_deployment_target": TARGET,
-            "compute_precision": "fp32" if precision == "fp32" else
-            f"fp16 ({', '.join(FP32_OPS)} in fp32)",
-            "weights": {"fp32": "fp32", "fp16": "fp16",
-                        "int8": f"int8 linear symmetric per channel (tensors >= "
-                                f"{WEIGHT_THRESHOLD} elements)"}[precision],
-            "spec": check_spec(pkg, graph, batches)}
-    info["seconds"] = round(time.perf_counter() - t0, 2)
-    return info
-
-
 # --- sessions ------------------------------------------------------------------------------
 
 class CoreMLSession:
     """``MLModel.predict`` over batches, padded to the enumerated batch sizes (macOS only)."""
 
     def __init__(self, path: Path, batches, input_names, output_names):
-        ct = _import_ct()
+        ct = import_coremltools()
         self._model = ct.models.MLModel(str(path), compute_units=ct.ComputeUnit.ALL)
         self._batches = sorted(batches)
         self.input_names, self.output_names = list(input_names), list(output_names)
@@ -327,47 +127,3 @@ def load(build_dir: str | os.PathLike, threads: int | None = None, info: dict | 
                          info.get("batch_sizes", DEFAULT_BATCHES),
                          list(spec.get("inputs", ["image", "keypoints"])),
                          spec.get("outputs", ["embedding"]))
-
-
-class TorchStandIn:
-    """The torch model with the build's weight rounding, computed in fp32: what the accuracy
-    gate measures where Core ML cannot predict."""
-
-    def __init__(self, module, graph: dict, precision: str):
-        import torch
-        self._torch = torch
-        self._module = module
-        self.input_names = [s["name"] for s in graph["inputs"]]
-        self.output_names = [o["name"] for o in graph["outputs"]]
-        self.provider = f"torch-cpu (stand-in for Core ML {precision})"
-        self.gate_method = (f"Core ML cannot predict on {sys.platform}: torch fp32 with the "
-                            f"build's {precision} weight rounding stands in (compute precision "
-                            "not simulated); re-measure on macOS")
-        with torch.no_grad():
-            for name, p in module.named_parameters():
-                if precision in ("fp16", "int8"):
-                    w = p.data
-                    if precision == "int8" and w.dim() >= 2 and w.numel() >= WEIGHT_THRESHOLD:
-                        # coremltools' per-channel axis is the output channel (dim 0 in torch).
-                        scale = w.abs().amax(dim=tuple(range(1, w.dim())), keepdim=True) / 127.0
-                        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-                        w = torch.clamp(torch.round(w / scale), -127, 127) * scale
-                    p.data.copy_(w.half().float())
-
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        torch = self._torch
-        with torch.no_grad():
-            out = self._module(*[torch.from_numpy(np.ascontiguousarray(feeds[n]))
-                                 for n in self.input_names])
-        out = out if isinstance(out, (tuple, list)) else (out,)
-        return {k: v.numpy() for k, v in zip(self.output_names, out)}
-
-
-def gate_session(build_dir: str | os.PathLike, info: dict, threads: int | None = None,
-                 manifest: dict | None = None, model_dir: str | os.PathLike | None = None,
-                 graph: str = "model"):
-    if available()[0]:
-        return load(build_dir, threads, info)
-    module, _ = torch_model(manifest, model_dir)
-    precision = "int8" if "int8" in info["weights"] else info["weights"]
-    return TorchStandIn(module, manifest["graphs"][graph], precision)

@@ -1,22 +1,32 @@
 """The one table of engines. ``kpface build``, ``kpface bench``, the CLI help and the README
-read it; nothing else lists engines, precisions or install commands.
+read it; nothing else lists engines, precisions, build options or install commands.
 
-Each row names an adapter module that answers the same four questions, as module-level
-functions:
+Each row names two modules: the one that *builds* the engine artifact (``builder``) and the
+one that *loads and runs* it (``adapter``). For most engines they are the same runtimes module;
+Core ML converts from the torch model, so its builder lives on the export side
+(:mod:`kpface.export.coreml_convert`) and :mod:`kpface.runtimes` never imports torch code.
+Modules are imported by name from this table, only when needed.
+
+Both kinds of module answer, as module-level functions:
 
 ``available(device=None, purpose="run") -> (bool, reason)``
     can this engine run (or, ``purpose="build"``, build) here: library importable, device
     present? ``reason`` is one line that says what is missing and the pip command to install it.
 ``device_key(device=None) -> str``
     the part of ``builds/<runtime>-<precision>-<device key>/`` that says which machines a
-    build is valid on (``cpu``, ``cuda``, ``sm89-trt10.3``, ``apple``, ...).
-``build(onnx_path, out_dir, precision, calibration, manifest, device=None, progress=None)``
-    writes the engine artifact for ``onnx_path`` into ``out_dir`` and returns its description
-    (``{"file": ..., "files": [...], "versions": {...}, ...}``) for ``build.json``.
-``load(build_dir, threads=None, info=None, device=None) -> Session``
-    opens a build; the session's ``run(feeds) -> dict`` takes and returns numpy arrays and its
-    ``provider`` says which device really runs it (a GPU that fell back to CPU is refused or
-    reported, never silent).
+    build is valid on (``cpu``, ``cuda``, ``sm89``, ``apple``, ...).
+
+A builder also answers ``build(onnx_path, out_dir, precision, calibration, manifest,
+device=None, progress=None, options=None, name="model")``: it writes the engine artifact for
+``onnx_path`` into ``out_dir`` and returns its description (``{"file": ..., "files": [...],
+"versions": {...}, ...}``) for ``build.json``; ``options`` holds only the keys of the row's
+``options`` column (:meth:`Engine.check_options` refuses others before any work). It may
+answer ``gate_session(build_dir, info, threads, manifest, model_dir, graph)`` when the engine
+cannot run where it builds (the accuracy gate then measures that stand-in).
+
+An adapter also answers ``load(build_dir, threads=None, info=None, device=None) -> Session``:
+the session's ``run(feeds) -> dict`` takes and returns numpy arrays and its ``provider`` says
+which device really runs it (a GPU that fell back to CPU is refused or reported, never silent).
 """
 from __future__ import annotations
 
@@ -24,13 +34,32 @@ import contextlib
 import importlib
 import io
 import logging
+import os
 from dataclasses import asdict, dataclass
 from types import ModuleType
-from typing import Iterator
+from typing import Iterator, Protocol
+
+import numpy as np
 
 from kpface.errors import EngineUnavailable, InputError
 
 PRECISIONS = ("fp32", "fp16", "int8")
+
+
+class Session(Protocol):
+    """What every engine's ``load`` returns (and :func:`kpface.runtimes.open_session`)."""
+
+    provider: str
+    input_names: list[str]
+    output_names: list[str]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+
+def default_threads() -> int:
+    """Engine threads when the caller gives none: ``$KPFACE_THREADS``, else every core."""
+    env = os.environ.get("KPFACE_THREADS")
+    return int(env) if env else (os.cpu_count() or 1)
 
 
 @dataclass(frozen=True)
@@ -39,64 +68,132 @@ class Engine:
     title: str
     suffix: str                    # the artifact's file suffix
     module: str                    # the python module the engine needs at run time
-    adapter: str                   # kpface module that builds / loads / runs it
+    adapter: str                   # kpface module that loads and runs it
+    builder: str                   # kpface module that builds it
     precisions: tuple[str, ...]
     devices: tuple[str, ...]       # the first is the default
     builds_from: str               # what the build starts from and what does the work
     install: str                   # one pip command
+    options: tuple[tuple[str, str], ...]  # (build option key, one-line meaning)
+    status: str                    # what has really run: "tested here", "untested", ...
     notes: str = ""
 
     def load_adapter(self) -> ModuleType:
+        """The module that loads and runs this engine's builds."""
         return importlib.import_module(self.adapter)
+
+    def load_builder(self) -> ModuleType:
+        """The module that builds this engine's artifacts."""
+        return importlib.import_module(self.builder)
+
+    def _module(self, purpose: str) -> ModuleType:
+        return self.load_builder() if purpose == "build" else self.load_adapter()
 
     def available(self, device: str | None = None, purpose: str = "run") -> tuple[bool, str]:
         """Can this engine run (``purpose="run"``) or build (``"build"``) here?"""
         try:
-            adapter = self.load_adapter()
-        except ImportError as e:  # the adapter itself needs something missing
-            return False, f"{self.name} adapter cannot be imported ({e}): {self.install}"
-        return adapter.available(device, purpose=purpose)
+            module = self._module(purpose)
+        except ImportError as e:  # the module itself needs something missing
+            return False, f"{self.name} {purpose} module cannot be imported ({e}): {self.install}"
+        return module.available(device, purpose=purpose)
 
     def require(self, device: str | None = None, purpose: str = "run") -> ModuleType:
-        """The adapter module, or :class:`EngineUnavailable` saying how to get the engine."""
-        adapter = self.load_adapter()
-        ok, reason = adapter.available(device, purpose=purpose)
+        """The adapter (``purpose="run"``) or builder (``"build"``) module, or
+        :class:`EngineUnavailable` saying how to get the engine."""
+        module = self._module(purpose)
+        ok, reason = module.available(device, purpose=purpose)
         if not ok:
             raise EngineUnavailable(reason)
-        return adapter
+        return module
 
     def check_precision(self, precision: str) -> None:
         if precision not in self.precisions:
             raise InputError(f"{self.name} has no {precision} build; choose one of: "
                              + ", ".join(self.precisions))
 
+    @property
+    def option_keys(self) -> tuple[str, ...]:
+        return tuple(k for k, _ in self.options)
+
+    def check_options(self, options: dict | None) -> dict:
+        """``options`` as a dict, or :class:`InputError` naming the first unknown key."""
+        options = dict(options or {})
+        for key in options:
+            if key not in self.option_keys:
+                accepted = ", ".join(self.option_keys) or "none"
+                raise InputError(f"{self.name} builds take no option {key!r}; it accepts: "
+                                 f"{accepted} (see `kpface build --help`)")
+        return options
+
     def row(self) -> dict:
         return asdict(self)
 
 
 ENGINES: tuple[Engine, ...] = (
-    Engine("onnxruntime", "ONNX Runtime", ".onnx", "onnxruntime", "kpface.runtimes.onnxruntime_rt",
-           ("fp32", "fp16", "int8"), ("cpu", "cuda"),
-           "ONNX: float16 pass (fp32 I/O, LayerNorm/Softmax fp32) or static QDQ int8 "
-           "(onnxruntime.quantization)",
-           "pip install onnxruntime  (CUDA: pip install onnxruntime-gpu)",
-           "the fp32 model.onnx needs no build"),
-    Engine("openvino", "OpenVINO", ".xml", "openvino", "kpface.runtimes.openvino_rt",
-           ("fp32", "fp16", "int8"), ("cpu", "gpu", "npu"),
-           "ONNX -> IR (openvino.convert_model); fp16 weight compression; int8 with nncf.quantize",
-           "pip install 'kpface[openvino]'  (openvino nncf)"),
-    Engine("tensorrt", "TensorRT", ".engine", "tensorrt", "kpface.runtimes.tensorrt_rt",
-           ("fp32", "fp16", "int8"), ("cuda",),
-           "ONNX -> serialized engine (TensorRT builder, dynamic batch profile, entropy "
-           "calibrator for int8)",
-           "pip install 'kpface[tensorrt]'  (tensorrt cuda-python; needs an NVIDIA GPU)",
-           "an engine runs only on the GPU model and TensorRT version it was built with"),
-    Engine("coreml", "Core ML", ".mlpackage", "coremltools", "kpface.runtimes.coreml_rt",
-           ("fp32", "fp16", "int8"), ("apple",),
-           "torch model (arch + weights from the manifest) -> mlprogram (coremltools.convert); "
-           "int8 weights with coremltools.optimize",
-           "pip install 'kpface[coreml]'  (coremltools; prediction needs macOS)",
-           "converts on Linux, predicts only on macOS"),
+    Engine(
+        "onnxruntime", "ONNX Runtime", ".onnx", "onnxruntime",
+        adapter="kpface.runtimes.onnxruntime_rt", builder="kpface.runtimes.onnxruntime_rt",
+        precisions=("fp32", "fp16", "int8"), devices=("cpu", "cuda"),
+        builds_from="ONNX: float16 pass (fp32 I/O, LayerNorm/Softmax fp32) or static QDQ int8 "
+                    "(onnxruntime.quantization)",
+        install="pip install onnxruntime  (CUDA: pip install onnxruntime-gpu)",
+        options=(
+            ("method", "int8 calibration: minmax (default), entropy or percentile"),
+            ("per_channel", "int8 weights per output channel (default true) or per tensor"),
+            ("activation", "int8 activations: uint8 asymmetric (default) or int8 symmetric"),
+            ("weights", "int8 weight type: uint8 or int8 (default uint8 on x86 without VNNI)"),
+            ("exclude", "extra node names kept in float (a list)"),
+            ("keep_kprpe_float", "keep the KP-RPE keypoint path in float (default true)"),
+            ("quantize_attention", "quantize the q.k and attn.v MatMuls too (default false)"),
+            ("quantize_outputs", "quantize Conv/MatMul/Gemm outputs too (default false)"),
+            ("preprocess", "symbolic shape inference before quantizing (default true)"),
+        ),
+        status="tested here (cpu; cuda untested)",
+        notes="the fp32 model.onnx needs no build"),
+    Engine(
+        "openvino", "OpenVINO", ".xml", "openvino",
+        adapter="kpface.runtimes.openvino_rt", builder="kpface.runtimes.openvino_rt",
+        precisions=("fp32", "fp16", "int8"), devices=("cpu", "gpu", "npu"),
+        builds_from="ONNX -> IR (openvino.convert_model); fp16 weight compression; int8 with "
+                    "nncf.quantize",
+        install="pip install 'kpface[openvino]'  (openvino nncf)",
+        options=(
+            ("exclude", "extra op names NNCF leaves in float (a list)"),
+            ("keep_kprpe_float", "keep the KP-RPE keypoint path in float (default true)"),
+            ("quantize_attention", "quantize the attention products too (default false)"),
+            ("smooth_quant", "SmoothQuant alpha for MatMuls (default -1: off)"),
+            ("activation", "uint8 (default: NNCF preset MIXED) or int8 (preset PERFORMANCE)"),
+            ("overflow_fix", "NNCF overflow fix: enable, first_layer_only or disable "
+                             "(default enable on x86 without VNNI)"),
+        ),
+        status="tested here (cpu; gpu, npu untested)"),
+    Engine(
+        "tensorrt", "TensorRT", ".engine", "tensorrt",
+        adapter="kpface.runtimes.tensorrt_rt", builder="kpface.runtimes.tensorrt_rt",
+        precisions=("fp32", "fp16", "int8"), devices=("cuda",),
+        builds_from="ONNX -> serialized engine (TensorRT builder, dynamic batch profile, "
+                    "entropy calibrator for int8)",
+        install="pip install 'kpface[tensorrt]'  (tensorrt cuda-python; needs an NVIDIA GPU)",
+        options=(
+            ("profile", "dynamic batch profile [min, opt, max] (default [1, 8, 32])"),
+            ("workspace", "builder workspace limit in bytes (default 2 GiB)"),
+            ("calibration_cache", "int8 calibration cache file (default: keyed by model and "
+                                  "crops, next to the builds)"),
+        ),
+        status="untested (never run: no NVIDIA GPU with TensorRT here)",
+        notes="an engine runs only on the GPU model and TensorRT version it was built with"),
+    Engine(
+        "coreml", "Core ML", ".mlpackage", "coremltools",
+        adapter="kpface.runtimes.coreml_rt", builder="kpface.export.coreml_convert",
+        precisions=("fp32", "fp16", "int8"), devices=("apple",),
+        builds_from="torch model (arch + weights from the manifest) -> mlprogram "
+                    "(coremltools.convert); int8 weights with coremltools.optimize",
+        install="pip install 'kpface[coreml]'  (coremltools; prediction needs macOS)",
+        options=(
+            ("batches", "enumerated batch sizes of the ML program (default [1, 8])"),
+        ),
+        status="converts here (tested); predicts on macOS only (untested)",
+        notes="converts on Linux, predicts only on macOS"),
 )
 
 _BY_NAME = {e.name: e for e in ENGINES}
@@ -121,13 +218,15 @@ def availability(device: str | None = None) -> dict[str, tuple[bool, str]]:
 
 def markdown_table(check: bool = False) -> str:
     """The table as Markdown, for the README (``check`` adds an 'here' column)."""
-    head = ["runtime", "file", "precisions", "devices", "built from", "install"]
+    head = ["runtime", "file", "precisions", "devices", "built from", "build options", "status",
+            "install"]
     if check:
         head.append("here")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for e in ENGINES:
         cells = [f"`{e.name}`", f"`{e.suffix}`", ", ".join(e.precisions), ", ".join(e.devices),
-                 e.builds_from, f"`{e.install.split('  (')[0]}`"]
+                 e.builds_from, ", ".join(f"`{k}`" for k in e.option_keys) or "none", e.status,
+                 f"`{e.install.split('  (')[0]}`"]
         if check:
             ok, why = e.available()
             cells.append("yes" if ok else f"no: {why}")
@@ -137,13 +236,25 @@ def markdown_table(check: bool = False) -> str:
 
 def help_text() -> str:
     """One line per engine, for CLI ``--help``."""
-    return "\n".join(f"{e.name:12s} {'/'.join(e.precisions):15s} {','.join(e.devices):12s} "
-                     f"{e.builds_from.split(':')[0].split(' (')[0]}" for e in ENGINES)
+    return "\n".join(f"  {e.name:12s} {'/'.join(e.precisions):15s} {','.join(e.devices):12s} "
+                     f"{e.status}" for e in ENGINES)
+
+
+def options_text() -> str:
+    """Every engine's build options with their meaning, for ``kpface build --help`` and
+    ``kpface engines``."""
+    lines = []
+    for e in ENGINES:
+        lines.append(f"  {e.name}:" + ("" if e.options else " none"))
+        lines += [f"    {k:19s} {meaning}" for k, meaning in e.options]
+    return "\n".join(lines)
 
 
 def engine_table(check: bool = True) -> str:
-    """What ``kpface engines`` prints: the table, with whether each engine runs here."""
-    return markdown_table(check=check)
+    """What ``kpface engines`` prints: the table, with whether each engine runs here, and
+    the build options of each engine."""
+    return (markdown_table(check=check) + "\n\nbuild options (kpface build --option KEY=VALUE):\n"
+            + options_text())
 
 
 def cpu_flags() -> set[str]:

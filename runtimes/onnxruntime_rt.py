@@ -22,10 +22,12 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from kpface.errors import EngineUnavailable, InputError
+import numpy as np
 
-from .engines import int8_saturates, quiet
-from .session import OrtSession
+from kpface.errors import EngineUnavailable, InputError, ModelError
+
+from . import floatscope
+from .engines import default_threads, int8_saturates, quiet
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +69,36 @@ def versions() -> dict[str, str]:
 
 
 # --- sessions ------------------------------------------------------------------------------
+
+class OrtSession:
+    """ONNX Runtime session on one ONNX file; thread-safe (ORT's run is re-entrant)."""
+
+    def __init__(self, path: str | os.PathLike, threads: int | None = None,
+                 providers: list | None = None):
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise EngineUnavailable(f"onnxruntime is not installed: {INSTALL}") from None
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads or default_threads()
+        opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        try:
+            self._sess = ort.InferenceSession(str(path), opts,
+                                              providers=providers or ["CPUExecutionProvider"])
+        except Exception as e:  # ORT raises its own Fail/InvalidProtobuf types
+            raise ModelError(f"{path} could not be loaded by ONNX Runtime "
+                             f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                             "re-export the model") from None
+        self.provider = self._sess.get_providers()[0]
+        self.input_names = [i.name for i in self._sess.get_inputs()]
+        self.output_names = [o.name for o in self._sess.get_outputs()]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        outs = self._sess.run(self.output_names, feeds)
+        return dict(zip(self.output_names, outs))
+
 
 def open_onnx(path: str | os.PathLike, threads: int | None = None,
               device: str | None = None) -> OrtSession:
@@ -144,51 +176,13 @@ def convert_fp16(src: Path, dst: Path) -> dict[str, Any]:
             "keep_io_types": True, "fp32_op_types": FP16_KEEP_FP32}
 
 
-def float_only_path(model, source: str = "keypoints", other: str = "image") -> list[str]:
-    """Names of the nodes that depend on input ``source`` but not on ``other``.
-
-    For a KP-RPE graph that is the keypoint path: relative keypoints, keypoint linear, and the
-    gathers that build each block's bias table, which int8 would coarsen for every block at once.
-    """
-    produced_by: dict[str, Any] = {}
-    for node in model.graph.node:
-        for o in node.output:
-            produced_by[o] = node
-    memo: dict[str, frozenset] = {}
-
-    def deps(tensor: str) -> frozenset:
-        if tensor in memo:
-            return memo[tensor]
-        memo[tensor] = frozenset()
-        node = produced_by.get(tensor)
-        if node is None:
-            result = frozenset([tensor]) if tensor in (source, other) else frozenset()
-        else:
-            acc: set[str] = set()
-            for i in node.input:
-                if i:
-                    acc |= deps(i)
-            result = frozenset(acc)
-        memo[tensor] = result
-        return result
-
-    names = []
-    for node in model.graph.node:
-        d: set[str] = set()
-        for i in node.input:
-            if i:
-                d |= deps(i)
-        if source in d and other not in d:
-            names.append(node.name)
-    return names
-
-
-def activation_matmuls(model) -> list[str]:
-    """MatMul nodes whose both operands are activations (attention q.k and attn.v)."""
-    consts = {i.name for i in model.graph.initializer}
-    consts |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
-    return [n.name for n in model.graph.node
-            if n.op_type == "MatMul" and not any(i in consts for i in n.input)]
+def describe(model) -> floatscope.Graph:
+    """The engine-neutral description of an ONNX model for :mod:`.floatscope`."""
+    return floatscope.Graph(
+        inputs=tuple(i.name for i in model.graph.input),
+        nodes=[floatscope.Node(n.name, n.op_type, tuple(n.input), tuple(n.output),
+                               const=n.op_type == "Constant") for n in model.graph.node],
+        constants=frozenset(i.name for i in model.graph.initializer))
 
 
 def quantize_int8(src: Path, dst: Path, calibration, options: dict) -> dict[str, Any]:
@@ -216,14 +210,16 @@ def quantize_int8(src: Path, dst: Path, calibration, options: dict) -> dict[str,
     model = onnx.load(str(src))
     input_names = [i.name for i in model.graph.input]
     op_type = {n.name: n.op_type for n in model.graph.node}
+    graph = describe(model)
     exclude = list(options.get("exclude", []))
     kprpe_nodes: list[str] = []
     if options.get("keep_kprpe_float", True) and {"image", "keypoints"} <= set(input_names):
-        kprpe_nodes = float_only_path(model)
+        kprpe_nodes = floatscope.kprpe_path(graph)
         exclude += kprpe_nodes
-    attention = [] if options.get("quantize_attention", False) else activation_matmuls(model)
+    attention = ([] if options.get("quantize_attention", False)
+                 else floatscope.activation_matmuls(graph))
     exclude += attention
-    del model
+    del model, graph
 
     class FaceReader(CalibrationDataReader):
         def __init__(self):

@@ -25,8 +25,8 @@ import numpy as np
 
 from kpface.errors import EngineUnavailable, InputError, ModelError
 
-from .engines import int8_saturates, quiet
-from .session import default_threads
+from . import floatscope
+from .engines import default_threads, int8_saturates, quiet
 
 log = logging.getLogger(__name__)
 
@@ -138,43 +138,31 @@ def load(build_dir: str | os.PathLike, threads: int | None = None, info: dict | 
 
 # --- build ---------------------------------------------------------------------------------
 
-def float_only_ops(model, source: str = "keypoints", other: str = "image") -> list[str]:
-    """Friendly names of the ops that depend on input ``source`` but not on ``other``."""
-    memo: dict[str, frozenset] = {}
-    names = []
-    for op in model.get_ordered_ops():  # topological order: inputs first
-        if op.get_type_name() == "Parameter":
-            name = op.get_friendly_name()
-            memo[name] = frozenset([name]) if name in (source, other) else frozenset()
-            continue
-        acc: set[str] = set()
-        for value in op.input_values():
-            acc |= memo.get(value.get_node().get_friendly_name(), frozenset())
-        memo[op.get_friendly_name()] = frozenset(acc)
-        if source in acc and other not in acc and op.get_type_name() != "Constant":
-            names.append(op.get_friendly_name())
-    return names
+# A weight reaches a MatMul as a Constant, possibly through a short decompression chain.
+WEIGHT_CHAIN = frozenset({"Convert", "Transpose", "Reshape", "FakeQuantize"})
 
 
-def activation_matmuls(model) -> list[str]:
-    """MatMuls with no constant operand (attention q.k and attn.v)."""
-    out = []
+def describe(model) -> floatscope.Graph:
+    """The engine-neutral description of an OpenVINO model for :mod:`.floatscope`: one node
+    per op, named by friendly name as NNCF's ignored scope expects. A Parameter is a graph
+    input named by its friendly name; other tensors are ``<unique op name>:<port>``."""
+    def tensor(value) -> str:
+        node = value.get_node()
+        if node.get_type_name() == "Parameter":
+            return node.get_friendly_name()
+        return f"{node.get_name()}:{value.get_index()}"
+
+    inputs, nodes = [], []
     for op in model.get_ordered_ops():
-        if op.get_type_name() != "MatMul":
+        if op.get_type_name() == "Parameter":
+            inputs.append(op.get_friendly_name())
             continue
-        srcs = [v.get_node() for v in op.input_values()]
-        # A weight reaches a MatMul as a Constant, possibly through Convert/Transpose.
-        if not any(_is_constant(s) for s in srcs):
-            out.append(op.get_friendly_name())
-    return out
-
-
-def _is_constant(node, depth: int = 3) -> bool:
-    if node.get_type_name() == "Constant":
-        return True
-    if depth and node.get_type_name() in ("Convert", "Transpose", "Reshape", "FakeQuantize"):
-        return all(_is_constant(v.get_node(), depth - 1) for v in node.input_values()[:1])
-    return False
+        nodes.append(floatscope.Node(
+            op.get_friendly_name(), op.get_type_name(),
+            tuple(tensor(v) for v in op.input_values()),
+            tuple(tensor(o) for o in op.outputs()),
+            const=op.get_type_name() == "Constant"))
+    return floatscope.Graph(tuple(inputs), nodes, const_through=WEIGHT_CHAIN)
 
 
 def build(onnx_path: str | os.PathLike, out_dir: str | os.PathLike, precision: str,
@@ -230,10 +218,12 @@ def _quantize(model, xml: Path, calibration, options: dict) -> dict[str, Any]:
     input_names = [i.get_any_name() for i in model.inputs]
     ignored: list[str] = list(options.get("exclude", []))
     kprpe = []
+    graph = describe(model)
     if options.get("keep_kprpe_float", True) and {"image", "keypoints"} <= set(input_names):
-        kprpe = float_only_ops(model)
+        kprpe = floatscope.kprpe_path(graph)
         ignored += kprpe
-    attention = [] if options.get("quantize_attention", False) else activation_matmuls(model)
+    attention = ([] if options.get("quantize_attention", False)
+                 else floatscope.activation_matmuls(graph))
     ignored += attention
     ignored_types = [] if options.get("quantize_attention", False) else ATTENTION_TYPES
     from nncf.quantization.advanced_parameters import (AdvancedQuantizationParameters,
@@ -244,7 +234,8 @@ def _quantize(model, xml: Path, calibration, options: dict) -> dict[str, Any]:
     alpha = float(options.get("smooth_quant", -1))
     # x86 CPUs without VNNI multiply u8 x s8 through 16-bit sums that saturate; 7-bit weights
     # in every layer avoid that (measured on an AVX2-only EPYC: cosine 0.92 -> see README).
-    overflow = options.get("overflow_fix") or ("enable" if int8_saturates() else "first_layer")
+    overflow = options.get("overflow_fix") or ("enable" if int8_saturates()
+                                                else "first_layer_only")
     advanced = AdvancedQuantizationParameters(
         smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=alpha),
         overflow_fix=OverflowFix(overflow))

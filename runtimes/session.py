@@ -1,57 +1,69 @@
-"""The session seam between the SDK and the engines."""
+"""The dispatcher: the one seam between the SDK and the engines.
+
+:func:`open_session` opens a graph of a model directory on an engine at a precision: the
+exported ONNX file itself for ONNX Runtime fp32, else the installed build for this device
+(``MODEL_DIR/builds/<runtime>-<precision>-<device key>/``), checked against its build.json.
+Engine adapters are imported by name from the engine table, only when a build is opened (the
+ONNX Runtime adapter, the reference engine, directly); this module sits on top of the package
+and no module below it imports it back.
+"""
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Protocol
+from typing import Any
 
-import numpy as np
+from kpface.errors import ModelError
+from kpface.manifest import BUILD_MANIFEST_NAME, load_manifest, read_json, verify_files
 
-from kpface.errors import EngineUnavailable, ModelError
-from kpface.manifest import load_manifest
-
-
-class Session(Protocol):
-    provider: str
-    input_names: list[str]
-    output_names: list[str]
-
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+from .engines import Session, default_threads, get_engine  # noqa: F401  (re-exported)
 
 
-def default_threads() -> int:
-    env = os.environ.get("KPFACE_THREADS")
-    return int(env) if env else (os.cpu_count() or 1)
+def build_dir(model_dir: str | os.PathLike, runtime: str, precision: str, key: str) -> Path:
+    return Path(model_dir) / "builds" / f"{runtime}-{precision}-{key}"
 
 
-class OrtSession:
-    """ONNX Runtime session on one ONNX file; thread-safe (ORT's run is re-entrant)."""
+def load_build(model_dir: str | os.PathLike, runtime: str, precision: str,
+               device: str | None = None, manifest: dict | None = None
+               ) -> tuple[Path, dict[str, Any]]:
+    """The installed build for this device: (directory, verified build.json)."""
+    model_dir = Path(model_dir)
+    engine = get_engine(runtime)
+    engine.check_precision(precision)
+    adapter = engine.require(device)
+    key = adapter.device_key(device)
+    d = build_dir(model_dir, runtime, precision, key)
+    command = f"kpface build {model_dir} --runtime {runtime} --precision {precision}"
+    if not (d / BUILD_MANIFEST_NAME).is_file():
+        raise ModelError(f"{model_dir} has no {runtime} {precision} build for this device "
+                         f"({key}); run `{command}`")
+    info = read_json(d / BUILD_MANIFEST_NAME, f"the {runtime} {precision} build")
+    try:
+        verify_files(d, info, str(d))
+    except ModelError as e:
+        raise ModelError(f"{str(e).rsplit(';', 1)[0]}; rebuild it with `{command}`") from None
+    if manifest is not None:
+        graphs = manifest.get("graphs", {})
+        built = info.get("model", {}).get("onnx_sha256", {})
+        for g, meta in graphs.items():
+            if g in built and built[g] != manifest.get("files", {}).get(meta["file"]):
+                raise ModelError(f"{d} was built from another {meta['file']} than the one in "
+                                 f"{model_dir}; rebuild it with `{command}`")
+    return d, info
 
-    def __init__(self, path: str | os.PathLike, threads: int | None = None,
-                 providers: list[str] | None = None):
-        try:
-            import onnxruntime as ort
-        except ImportError:
-            raise EngineUnavailable("onnxruntime is not installed: pip install onnxruntime") from None
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads or default_threads()
-        opts.inter_op_num_threads = 1
-        opts.log_severity_level = 3
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        try:
-            self._sess = ort.InferenceSession(str(path), opts,
-                                              providers=providers or ["CPUExecutionProvider"])
-        except Exception as e:  # ORT raises its own Fail/InvalidProtobuf types
-            raise ModelError(f"{path} could not be loaded by ONNX Runtime "
-                             f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                             "re-export the model") from None
-        self.provider = self._sess.get_providers()[0]
-        self.input_names = [i.name for i in self._sess.get_inputs()]
-        self.output_names = [o.name for o in self._sess.get_outputs()]
 
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        outs = self._sess.run(self.output_names, feeds)
-        return dict(zip(self.output_names, outs))
+def open_build(model_dir: str | os.PathLike, runtime: str, precision: str, graph: str = "model",
+               threads: int | None = None, manifest: dict | None = None,
+               device: str | None = None) -> Session:
+    """A session on ``graph`` of the installed ``runtime``/``precision`` build."""
+    d, info = load_build(model_dir, runtime, precision, device, manifest)
+    graphs = info.get("graphs", {})
+    if graph not in graphs:
+        raise ModelError(f"{d} holds no graph {graph!r} (it has: {', '.join(graphs)}); rebuild "
+                         f"it with `kpface build {model_dir} --runtime {runtime} "
+                         f"--precision {precision}`")
+    adapter = get_engine(runtime).load_adapter()
+    return adapter.load(d, threads=threads, info=graphs[graph], device=device)
 
 
 def open_session(model_dir: str | os.PathLike, runtime: str = "onnxruntime",
@@ -69,10 +81,7 @@ def open_session(model_dir: str | os.PathLike, runtime: str = "onnxruntime",
     if graph not in graphs:
         raise ModelError(f"{model_dir} has no graph {graph!r} (it has: {', '.join(graphs)})")
     if runtime == "onnxruntime" and precision == "fp32":
-        if device in (None, "cpu"):
-            return OrtSession(model_dir / graphs[graph]["file"], threads=threads)
         from .onnxruntime_rt import open_onnx
         return open_onnx(model_dir / graphs[graph]["file"], threads=threads, device=device)
-    from .build import open_build
     return open_build(model_dir, runtime, precision, graph=graph, threads=threads,
                       manifest=manifest, device=device)

@@ -32,6 +32,8 @@ import numpy as np
 
 from kpface.errors import EngineUnavailable, InputError, ModelError
 
+from . import floatscope
+
 log = logging.getLogger(__name__)
 
 INSTALL = "pip install 'kpface[tensorrt]'  (tensorrt cuda-python; needs an NVIDIA GPU)"
@@ -165,28 +167,32 @@ def _d2h(arr: np.ndarray, src: int, stream) -> None:
 
 # --- build ---------------------------------------------------------------------------------
 
-def _float_layers(network, trt) -> list:
-    """Layers pinned to fp32: LayerNorm, Softmax, and the KP-RPE path."""
-    keep = []
-    tensor_deps: dict[str, set[str]] = {}
-    for i in range(network.num_inputs):
-        t = network.get_input(i)
-        tensor_deps[t.name] = {t.name}
-    fp32_types = {trt.LayerType.NORMALIZATION, trt.LayerType.SOFTMAX}
+def describe(network, trt) -> floatscope.Graph:
+    """The engine-neutral description of a TensorRT network for :mod:`.floatscope`; node
+    ``i`` is layer ``i`` (layer names need not be unique)."""
+    nodes = []
     for i in range(network.num_layers):
         layer = network.get_layer(i)
-        deps: set[str] = set()
-        for j in range(layer.num_inputs):
-            t = layer.get_input(j)
-            if t is not None:
-                deps |= tensor_deps.get(t.name, set())
-        for j in range(layer.num_outputs):
-            tensor_deps[layer.get_output(j).name] = deps
-        kprpe = "keypoints" in deps and "image" not in deps
+        ins = tuple(t.name if t is not None else ""
+                    for t in (layer.get_input(j) for j in range(layer.num_inputs)))
+        outs = tuple(layer.get_output(j).name for j in range(layer.num_outputs))
+        nodes.append(floatscope.Node(str(i), str(layer.type), ins, outs,
+                                     const=layer.type == trt.LayerType.CONSTANT))
+    return floatscope.Graph(tuple(network.get_input(i).name for i in range(network.num_inputs)),
+                            nodes)
+
+
+def _float_layers(network, trt) -> list:
+    """Layers pinned to fp32: LayerNorm, Softmax, and the KP-RPE path."""
+    kprpe = {int(i) for i in floatscope.kprpe_path(describe(network, trt))}
+    fp32_types = {trt.LayerType.NORMALIZATION, trt.LayerType.SOFTMAX}
+    keep = []
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
         # An unfused LayerNorm arrives as ReduceMean / Sub / Pow / Sqrt / Div: keep its reduces.
         norm = layer.type in fp32_types or (layer.type == trt.LayerType.REDUCE
                                             and "norm" in layer.name.lower())
-        if kprpe or norm:
+        if i in kprpe or norm:
             keep.append(layer)
     return keep
 

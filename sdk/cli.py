@@ -28,11 +28,8 @@ def say(msg: str = "") -> None:
 
 
 def engine_names() -> list[str]:
-    try:
-        from kpface.runtimes.engines import ENGINES
-        return [e.name for e in ENGINES]
-    except ImportError:
-        return ["onnxruntime"]
+    from kpface.runtimes.engines import ENGINES
+    return [e.name for e in ENGINES]
 
 
 # -- export -----------------------------------------------------------------------------------
@@ -71,11 +68,75 @@ def cmd_export(args) -> int:
 
 # -- build ------------------------------------------------------------------------------------
 
+def calibration_detector(spec, model_dir, threads: int | None = None):
+    """The ``detect(image_bgr)`` that finds a recognizer's calibration faces, or None.
+
+    ``spec``: ``"auto"`` (``MODEL_DIR/../detector`` when it holds an exported model: the layout
+    of a models directory, so calibration faces come from the pipeline's own detection stage),
+    a detector model directory, ``"none"`` / None (known landmarks of the sample faces), or a
+    callable (returned as it is).
+    """
+    from .manifest import MANIFEST_NAME
+    if spec is None or spec == "none" or callable(spec):
+        return spec if callable(spec) else None
+    if spec == "auto":
+        candidate = Path(model_dir).parent / "detector"
+        if not (candidate / MANIFEST_NAME).is_file():
+            return None
+        spec = candidate
+    from .detect import load_detector
+    det = load_detector(spec, threads=threads)
+    log.info("calibration faces come from the detector in %s", spec)
+    return det.detect
+
+
+def detector_factory(model_dir, threads: int | None = None):
+    """``make_detector(sessions)`` for a detector build's gate: the detector of ``model_dir``
+    with the sessions of ``sessions`` ({graph name: Session}) in place of its fp32 graphs.
+    Graph ``model`` is the detector's ``session``; other graphs (MTCNN's pnet, rnet, onet) are
+    attributes of their own name."""
+    from .detect import load_detector
+
+    def make(sessions):
+        det = load_detector(model_dir, threads=threads)
+        for graph, sess in sessions.items():
+            setattr(det, "session" if graph == "model" else graph, sess)
+        return det
+    return make
+
+
+def parse_options(pairs: list[str] | None) -> dict:
+    """``["KEY=VALUE", ...]`` -> ``{KEY: VALUE}``; a value is JSON when it parses, else text."""
+    options = {}
+    for pair in pairs or ():
+        key, sep, text = pair.partition("=")
+        if not sep or not key.strip():
+            raise InputError(f"--option {pair!r} is not KEY=VALUE (e.g. --option method=entropy)")
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = text
+        options[key.strip()] = value
+    return options
+
+
 def cmd_build(args) -> int:
     from kpface.runtimes.build import build
-    detector = {"auto": "auto", "none": None}.get(args.detector, args.detector)
+    from kpface.runtimes.engines import get_engine
+
+    from .manifest import load_manifest
+    engine = get_engine(args.runtime)
+    options = engine.check_options(parse_options(args.option))
+    engine.require(args.device, purpose="build")  # a missing engine fails before any work
+    task = load_manifest(args.model_dir).get("task")
+    detect = make_detector = None
+    if task == "recognizer":
+        detect = calibration_detector(args.detector, args.model_dir)
+    elif task == "detector":
+        make_detector = detector_factory(args.model_dir)
     info = build(args.model_dir, args.runtime, args.precision, calib_images=args.calib,
-                 force=args.force, device=args.device, detector=detector, progress=say)
+                 force=args.force, device=args.device, detector=detect,
+                 make_detector=make_detector, options=options, progress=say)
     print(json.dumps(info.get("accuracy", {}), indent=2))
     print(f"built {info.get('dir', '')}")
     return 0
@@ -183,11 +244,14 @@ def cmd_info(args) -> int:
 # -- parser -----------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
+    from kpface.runtimes.engines import help_text, options_text
     engines = engine_names()
     p = argparse.ArgumentParser(
         prog="kpface", description="Landmark-conditioned (KP-RPE) face recognition: export, "
         "build for an engine, run, benchmark.",
-        epilog="engines: " + ", ".join(engines) + ". `kpface engines` says which run here.")
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="engines (name, precisions, devices, status):\n" + help_text()
+        + "\n`kpface engines` says which run here.")
     p.add_argument("--version", action="version", version=f"kpface {__version__}")
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
@@ -213,7 +277,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--list", action="store_true", help="list the architectures of TASK and exit")
     e.set_defaults(func=cmd_export)
 
-    b = sub.add_parser("build", help="build MODEL_DIR for an engine and gate it on accuracy")
+    b = sub.add_parser("build", help="build MODEL_DIR for an engine and gate it on accuracy",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="build options of each engine (--option KEY=VALUE):\n"
+                       + options_text())
     b.add_argument("model_dir")
     b.add_argument("--runtime", choices=engines, default="onnxruntime")
     b.add_argument("--precision", choices=PRECISIONS, default="fp32")
@@ -224,6 +291,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--detector", default="auto",
                    help="where calibration faces come from: 'auto' (detector/ beside MODEL_DIR), "
                    "a detector model directory, or 'none' (known landmarks of the sample faces)")
+    b.add_argument("--option", action="append", metavar="KEY=VALUE",
+                   help="an engine build option (repeatable; VALUE is JSON when it parses, "
+                   "e.g. --option method=entropy --option 'profile=[1,8,16]'); the keys each "
+                   "engine accepts are listed below, others are refused")
     b.set_defaults(func=cmd_build)
 
     def stage_opts(sp):
@@ -265,7 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--skip-bench", action="store_true", help="skip the benchmark")
     d.set_defaults(func=cmd_demo)
 
-    en = sub.add_parser("engines", help="the engine table and what runs on this machine")
+    en = sub.add_parser("engines", help="the engine table (options, status) and what runs on "
+                        "this machine")
     en.set_defaults(func=cmd_engines)
 
     i = sub.add_parser("info", help="show a model directory's manifest (and verify its hashes)")

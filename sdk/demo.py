@@ -84,10 +84,15 @@ def run_demo(out_dir: Path, models_dir: str | os.PathLike | None = None, skip_be
     _export("recognizer", arch, models / "recognizer", weights, say)
 
     from kpface.runtimes.build import build
+
+    from .detect import load_detector
+    # Calibration and held-out faces come from the pipeline's own detector.
+    detect = load_detector(models / "detector").detect
     for runtime, precision in BUILDS:
         say(f"[demo] building recognizer for {runtime} {precision}")
         try:
-            info = build(models / "recognizer", runtime, precision, progress=say)
+            info = build(models / "recognizer", runtime, precision, detector=detect,
+                         progress=say)
         except EngineUnavailable as e:
             say(f"[demo] skipped {runtime} {precision}: {e}")
             continue

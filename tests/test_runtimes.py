@@ -12,8 +12,10 @@ import pytest
 
 from kpface.errors import AccuracyGateError, EngineUnavailable, InputError, ModelError
 from kpface.runtimes import open_session
-from kpface.runtimes.build import GATES, build
-from kpface.runtimes.session import OrtSession
+from kpface.cli import calibration_detector, detector_factory
+from kpface.runtimes.build import build
+from kpface.runtimes.gates import GATES
+from kpface.runtimes.onnxruntime_rt import OrtSession
 from runtimes_support import export_realistic_tiny
 
 N_CALIB, N_HELDOUT = 48, 24
@@ -272,7 +274,8 @@ def test_small_int8_onnxruntime(tmp_path):
 def test_detector_build_every_graph(models_dir, tmp_path):
     det_dir = tmp_path / "detector"
     shutil.copytree(models_dir / "detector", det_dir, ignore=shutil.ignore_patterns("builds"))
-    info = build(det_dir, "onnxruntime", "fp16", threads=2)
+    info = build(det_dir, "onnxruntime", "fp16", threads=2,
+                 make_detector=detector_factory(det_dir, threads=2))
     assert set(info["graphs"]) == {"pnet", "rnet", "onet"}
     assert set(info["accuracy"]["graphs"]) == {"pnet", "rnet", "onet"}
     assert info["accuracy"]["passed"] and info["accuracy"]["min"] >= 0.999
@@ -296,16 +299,19 @@ def test_calibration_faces_come_from_the_pipeline_detector(models_dir, tmp_path)
     root = tmp_path / "models"
     for stage in ("detector", "recognizer"):
         shutil.copytree(models_dir / stage, root / stage, ignore=shutil.ignore_patterns("builds"))
-    info = build(root / "recognizer", "onnxruntime", "int8", n_calib=16, n_heldout=8, threads=2)
+    detect = calibration_detector("auto", root / "recognizer", threads=2)  # `--detector auto`
+    info = build(root / "recognizer", "onnxruntime", "int8", detector=detect, n_calib=16,
+                 n_heldout=8, threads=2)
     assert info["calibration"]["landmarks"].startswith("detector (")
     assert info["accuracy"]["passed"]
 
 
 def test_detector_build_refused_when_detections_differ(models_dir, tmp_path, monkeypatch):
-    import kpface.runtimes.build as b
+    import kpface.runtimes.gates as b
     det_dir = tmp_path / "detector"
     shutil.copytree(models_dir / "detector", det_dir, ignore=shutil.ignore_patterns("builds"))
     monkeypatch.setitem(b.DETECTION_GATES, "iou_min", 1.01)  # no build can reach it
     with pytest.raises(AccuracyGateError, match="detections: 0 missed, 0 extra, box IoU min"):
-        build(det_dir, "onnxruntime", "fp16", threads=2)
+        build(det_dir, "onnxruntime", "fp16", threads=2,
+              make_detector=detector_factory(det_dir, threads=2))
     assert not (det_dir / "builds" / "onnxruntime-fp16-cpu").exists()

@@ -1,4 +1,6 @@
 """Calibration / held-out face crops and the engine table."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -88,6 +90,25 @@ def test_image_feeds_for_detector_graphs():
     assert feeds[0]["image"].shape[1:] == (3, 24, 24)
 
 
+def test_calibration_reads_images_like_everywhere_else(tmp_path):
+    import cv2
+
+    from kpface import samples
+    from kpface.image import load_image
+    for i in range(3):
+        cv2.imwrite(str(tmp_path / f"{i}.pgm"), np.full((112, 112), 90 + i, np.uint8))
+    faces = cal.base_faces(None, tmp_path, use_builtin=False)
+    assert [Path(n.split(":", 1)[1]).suffix for n, _, _ in faces] == [".pgm"] * 3
+    (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    with pytest.raises(InputError) as e:
+        cal.recognizer_data(user_images=tmp_path)
+    with pytest.raises(InputError) as want:
+        load_image(tmp_path / "bad.jpg")
+    assert str(e.value) == str(want.value)
+    astronaut = [lm for n, _, lm in cal.base_faces(None) if n == "astronaut"]
+    np.testing.assert_array_equal(astronaut[0], samples.ASTRONAUT_LANDMARKS)
+
+
 # --- the engine table ------------------------------------------------------------------------
 
 def test_engine_table_covers_all_four_engines():
@@ -98,8 +119,11 @@ def test_engine_table_covers_all_four_engines():
         assert set(e.precisions) <= {"fp32", "fp16", "int8"} and e.devices and e.builds_from
         assert e.install.startswith("pip install")
         adapter = e.load_adapter()  # importable without the engine library
-        for fn in ("available", "device_key", "build", "load"):
+        for fn in ("available", "device_key", "load"):
             assert callable(getattr(adapter, fn)), (e.name, fn)
+        builder = e.load_builder()  # the module that builds (Core ML's is on the export side)
+        for fn in ("available", "device_key", "build"):
+            assert callable(getattr(builder, fn)), (e.name, fn)
         ok, why = e.available()
         assert isinstance(ok, bool) and why and "\n" not in why
     table = markdown_table(check=True)

@@ -1,0 +1,157 @@
+"""Accuracy gates: how a build is measured against the fp32 ONNX model, and the decision.
+
+* recognizers: cosine of the embeddings on held-out aligned face crops (see
+  :mod:`kpface.runtimes.calibration`), gated on the mean and the minimum (:data:`GATES`);
+* detectors and keypoint models (fp32 / fp16 only so far): cosine of every raw output on real
+  images resized to each graph's input, gated on the worst output (:data:`OUTPUT_GATES`);
+* detectors also: the same faces found by the fp32 and the candidate detector on real photos,
+  boxes matched by IoU, landmark error relative to the face size (:data:`DETECTION_GATES`).
+
+This module knows no detector class: the caller passes a factory that makes a detector running
+on given sessions (:func:`detection_agreement`), so :mod:`kpface.runtimes` never imports the
+SDK's models.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from kpface.postprocess import box_iou, row_cosines
+
+from .engines import Session
+
+# Minimum embedding cosine vs the fp32 ONNX model on held-out crops: (mean, min).
+GATES: dict[str, dict[str, float]] = {
+    "fp32": {"mean": 0.9999, "min": 0.999},
+    "fp16": {"mean": 0.999, "min": 0.99},
+    "int8": {"mean": 0.99, "min": 0.97},
+}
+# Detector / keypoint graphs: minimum cosine of each raw output (worst output, worst image).
+OUTPUT_GATES: dict[str, float] = {"fp32": 0.9999, "fp16": 0.999}
+# Detector builds must find the same faces as fp32: matched boxes with IoU >= 0.9, landmarks
+# within 5% of the face size (sqrt of the fp32 box area; the eye distance is unstable on profile
+# faces), no face missed or added.
+DETECTION_GATES = {"iou_min": 0.9, "landmark_nme_max": 0.05}
+
+# make_detector(sessions) -> an object with .detect(image_bgr) -> [objects with .box,
+# .landmarks]; ``sessions`` (graph name -> Session) replace the fp32 ONNX graphs, {} keeps them.
+DetectorFactory = Callable[[Mapping[str, Session]], Any]
+
+
+def gate_for(task: str | None, precision: str) -> dict[str, float]:
+    """The cosine gate of a ``task`` model built at ``precision``."""
+    return dict(GATES[precision]) if task == "recognizer" else {"min": OUTPUT_GATES[precision]}
+
+
+def embedding_agreement(ref: Session, cand: Session, faces, batch: int = 8,
+                        output: str = "embedding") -> dict[str, Any]:
+    """Cosine of ``cand``'s embeddings against ``ref``'s on ``faces`` (a FaceSet)."""
+    names = [n for n in ref.input_names]
+    a, b = [], []
+    for feeds in faces.feeds(names, batch):
+        a.append(ref.run(feeds)[output])
+        b.append(cand.run(feeds)[output])
+    cos = row_cosines(np.concatenate(a), np.concatenate(b))
+    return {"n": int(len(cos)), "mean": float(cos.mean()), "min": float(cos.min()),
+            "p01": float(np.percentile(cos, 1))}
+
+
+def output_agreement(ref: Session, cand: Session, feeds_list: list[dict]) -> dict[str, Any]:
+    """Cosine of every output of ``cand`` against ``ref``, per output; mean/min of the worst."""
+    per: dict[str, list[np.ndarray]] = {}
+    for feeds in feeds_list:
+        r, c = ref.run(feeds), cand.run(feeds)
+        for name in ref.output_names:
+            per.setdefault(name, []).append(row_cosines(r[name], c[name]))
+    outs = {k: {"mean": float(np.concatenate(v).mean()), "min": float(np.concatenate(v).min())}
+            for k, v in per.items()}
+    return {"n": int(sum(len(f[next(iter(f))]) for f in feeds_list)), "outputs": outs,
+            "mean": min(o["mean"] for o in outs.values()),
+            "min": min(o["min"] for o in outs.values())}
+
+
+def detection_scenes() -> list[tuple[str, np.ndarray]]:
+    """Real photographs for detector gates: faces at several sizes and a face-free scene."""
+    import cv2
+
+    from kpface import samples
+    astro = samples.astronaut_bgr()
+    return [("astronaut", astro),
+            ("astronaut 0.5x", cv2.resize(astro, None, fx=0.5, fy=0.5, interpolation=cv2.INTER_AREA)),
+            ("camera", samples.camera_bgr()),
+            ("coffee (no face)", samples.coffee_bgr())]
+
+
+def detection_agreement(make_detector: DetectorFactory,
+                        candidates: Mapping[str, Session]) -> dict[str, Any]:
+    """Run the fp32 detector (``make_detector({})``) and the candidate one
+    (``make_detector(candidates)``) on real photographs; match faces by IoU and compare boxes
+    and landmarks."""
+    ref, cand = make_detector({}), make_detector(dict(candidates))
+    ious, nmes, missed, extra, images = [], [], 0, 0, []
+    for name, image in detection_scenes():
+        r, c = ref.detect(image), cand.detect(image)
+        images.append(f"{name}: {len(r)} face(s)")
+        used: set[int] = set()
+        for face in r:
+            free = [k for k in range(len(c)) if k not in used]
+            overlap = box_iou(face.box, np.array([c[k].box for k in free]).reshape(-1, 4))
+            best, k = (float(overlap.max()), free[int(overlap.argmax())]) if free else (0.0, -1)
+            if best < 0.5:
+                missed += 1
+                continue
+            used.add(k)
+            ious.append(best)
+            x1, y1, x2, y2 = face.box
+            size = np.sqrt(max((x2 - x1) * (y2 - y1), 1e-6))
+            err = np.linalg.norm(face.landmarks - c[k].landmarks, axis=1).max()
+            nmes.append(float(err / size))
+        extra += len(c) - len(used)
+    return {"images": images, "faces": len(ious) + missed, "missed": missed, "extra": extra,
+            "iou_min": min(ious, default=1.0), "iou_mean": float(np.mean(ious)) if ious else 1.0,
+            "landmark_nme_max": max(nmes, default=0.0),
+            "gate": DETECTION_GATES}
+
+
+def decide(task: str | None, precision: str, accuracy: dict[str, dict[str, Any]],
+           detections: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The build's accuracy summary (``build.json``'s ``accuracy``), with ``passed``.
+
+    ``accuracy``: per graph, what :func:`embedding_agreement` / :func:`output_agreement`
+    returned; ``detections``: what :func:`detection_agreement` returned, for detectors.
+    """
+    gate = gate_for(task, precision)
+    worst = min(accuracy.values(), key=lambda a: a["min"])
+    passed = all(a["min"] >= gate["min"] and a["mean"] >= gate.get("mean", -1)
+                 for a in accuracy.values())
+    if detections is not None:
+        passed = passed and detections["missed"] == 0 and detections["extra"] == 0 \
+            and detections["iou_min"] >= DETECTION_GATES["iou_min"] \
+            and detections["landmark_nme_max"] <= DETECTION_GATES["landmark_nme_max"]
+    summary = {"metric": "embedding cosine" if task == "recognizer" else "output cosine",
+               "reference": "fp32 ONNX on onnxruntime CPU", "gate": gate, "passed": passed,
+               "mean": min(a["mean"] for a in accuracy.values()), "min": worst["min"],
+               "n": worst["n"]}
+    if len(accuracy) == 1:
+        summary.update({k: v for k, v in worst.items() if k not in summary})
+    else:
+        summary["graphs"] = accuracy
+    if detections is not None:
+        summary["detections"] = detections
+    return summary
+
+
+def figures(summary: dict[str, Any]) -> str:
+    """The figures of a summary against its gates, in one line (for a refusal)."""
+    gate = summary["gate"]
+    text = (f"cosine vs fp32 mean {summary['mean']:.5f} (gate >= {gate.get('mean', 0):g}), "
+            f"min {summary['min']:.5f} (gate >= {gate['min']:g}) on {summary['n']} held-out "
+            "inputs")
+    det = summary.get("detections")
+    if det is not None:
+        text += (f"; detections: {det['missed']} missed, {det['extra']} extra, box IoU min "
+                 f"{det['iou_min']:.3f} (gate >= {DETECTION_GATES['iou_min']}), landmark error "
+                 f"max {det['landmark_nme_max']:.3f} of the face size (gate <= "
+                 f"{DETECTION_GATES['landmark_nme_max']})")
+    return text
