@@ -88,17 +88,19 @@ def torch_model(manifest: dict, model_dir: str | os.PathLike):
     arch = manifest.get("arch")
     source = manifest.get("source", {}) or {}
     stored = manifest.get("torch_weights")
+    # Export-time choices (Part fViT's sampling form) shape the module: rebuild it the same way.
+    opts = manifest.get("export_options") or None
     if stored:
         path = model_dir / stored
-        _, model, _ = build_model(arch, weights=path)
+        _, model, _ = build_model(arch, weights=path, options=opts)
         return model.eval(), str(path)
     ckpt = source.get("path")
     if ckpt and Path(ckpt).is_file() and sha256_file(ckpt) == source.get("sha256"):
-        _, model, _ = build_model(arch, weights=ckpt)
+        _, model, _ = build_model(arch, weights=ckpt, options=opts)
         return model.eval(), str(ckpt)
     from kpface.export import registry
     if not source.get("random_weights") and registry.get(arch).packaged_weights is not None:
-        _, model, _ = build_model(arch)
+        _, model, _ = build_model(arch, options=opts)
         return model.eval(), "packaged weights"
     why = ("was exported with random weights" if source.get("random_weights")
            else f"records checkpoint {ckpt!r}, which is gone or changed")
