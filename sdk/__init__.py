@@ -6,7 +6,7 @@ Run-time imports are numpy, opencv and one engine; torch is only needed by
 __version__ = "0.1.0"
 
 from .errors import (AccuracyGateError, CheckpointError, EngineUnavailable, InputError,  # noqa: F401
-                     KpfaceError, ModelError)
+                     KpfaceError, ModelError, RandomWeightsError)
 
 
 def __getattr__(name):  # lazy: keep `import kpface` cheap and torch-free

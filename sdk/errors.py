@@ -31,3 +31,12 @@ class AccuracyGateError(KpfaceError):
     """A build lost too much accuracy against the fp32 model."""
 
     exit_code = 3
+
+
+class RandomWeightsError(KpfaceError):
+    """An identity verdict was asked of a model with random (or partly random) weights.
+
+    The similarity can still be shown; the same/different or identity answer is refused unless
+    the caller says it knows (``--allow-random``, ``allow_random=True``)."""
+
+    exit_code = 4

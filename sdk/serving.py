@@ -16,26 +16,9 @@ import numpy as np
 
 from .errors import InputError, ModelError
 from .manifest import load_manifest
+from .weights import for_client, is_random
 
 log = logging.getLogger(__name__)
-
-
-def weights_block(manifest: dict) -> dict[str, Any]:
-    """Where a model's weights came from, for clients: the manifest's ``weights`` block if it
-    has one, else one derived from its ``source`` (random, or the checkpoint's sha256).
-    Local file paths are left out: they mean nothing to a client."""
-    if isinstance(manifest.get("weights"), dict):
-        return dict(manifest["weights"])
-    source = manifest.get("source") or {}
-    if source.get("random_weights", False):
-        return {"source": "random"}
-    if "parts" in source:
-        return {"source": "checkpoint",
-                "sha256": {k: v.get("sha256") for k, v in source["parts"].items()}}
-    out: dict[str, Any] = {"source": "checkpoint" if source else "unknown"}
-    if source.get("sha256"):
-        out["sha256"] = source["sha256"]
-    return out
 
 
 def keypoints_dir(root: Path, use_keypoints: bool = True) -> Path | None:
@@ -45,7 +28,7 @@ def keypoints_dir(root: Path, use_keypoints: bool = True) -> Path | None:
     kp = root / "keypoints"
     if not use_keypoints or not kp.is_dir():
         return None
-    if load_manifest(kp, verify=False).get("source", {}).get("random_weights"):
+    if is_random(load_manifest(kp, verify=False)):
         log.warning("keypoint model in %s has random weights; using the detector's landmarks", kp)
         return None
     return kp
@@ -64,7 +47,7 @@ def stages_info(models_dir: str | os.PathLike, use_keypoints: bool = True) -> di
                 info[stage] = None
                 continue
         m = load_manifest(d, verify=False)
-        info[stage] = {"arch": m.get("arch"), "weights": weights_block(m)}
+        info[stage] = {"arch": m.get("arch"), "weights": for_client(m)}
     return info
 
 

@@ -134,12 +134,12 @@ def model_config(name: str, signature: dict, batching: Batching, delay_us: int =
 
 def _sidecar(manifest: dict, stage: str, graph: str) -> dict[str, Any]:
     from . import __version__
-    from .serving import weights_block
-    skip = {"files", "source", "graphs", "parity", "torch_weights"}
+    from .weights import for_client
+    skip = {"files", "source", "weights", "graphs", "parity", "torch_weights"}
     out = {k: v for k, v in manifest.items() if k not in skip}
     g = manifest["graphs"][graph]
     out.update(kpface_version=__version__, stage=stage, graph=graph, graph_io=g,
-               sha256=manifest["files"].get(g["file"]), weights=weights_block(manifest))
+               sha256=manifest["files"].get(g["file"]), weights=for_client(manifest))
     return out
 
 
