@@ -147,6 +147,9 @@ ENGINES: tuple[Engine, ...] = (
             ("quantize_attention", "quantize the q.k and attn.v MatMuls too (default false)"),
             ("quantize_outputs", "quantize Conv/MatMul/Gemm outputs too (default false)"),
             ("preprocess", "symbolic shape inference before quantizing (default true)"),
+            ("attention", "portable (default) or fused: each ViT attention as ONNX Runtime's "
+                          "contrib Attention (fp32) / MultiHeadAttention (int8) op, the KP-RPE "
+                          "bias its attention_bias (this engine only)"),
         ),
         status="tested here (cpu; cuda untested)",
         notes="the fp32 model.onnx needs no build"),

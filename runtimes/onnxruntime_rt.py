@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ import numpy as np
 
 from kpface.errors import EngineUnavailable, InputError, ModelError
 
-from . import floatscope
+from . import floatscope, onnxfile
 from .engines import default_threads, int8_saturates, quiet
 
 log = logging.getLogger(__name__)
@@ -36,6 +35,8 @@ INSTALL_GPU = "pip install onnxruntime-gpu"
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 FP16_KEEP_FP32 = ["LayerNormalization", "Softmax", "BatchNormalization"]
 INT8_OP_TYPES = ["Conv", "MatMul", "Gemm"]
+# ``attention`` build option: the exported graph's attention, or ONNX Runtime's fused op.
+ATTENTION_FORMS = ("portable", "fused")
 
 
 def _device(device: str | None) -> str:
@@ -141,21 +142,54 @@ def build(onnx_path: str | os.PathLike, out_dir: str | os.PathLike, precision: s
     out = out_dir / f"{name}.onnx"
     t0 = time.perf_counter()
     info: dict[str, Any] = {"file": out.name, "files": [out.name], "versions": versions()}
-    if precision == "fp32":
-        shutil.copyfile(onnx_path, out)
-        info["method"] = "the exported fp32 ONNX graph"
-    elif precision == "fp16":
-        say("converting to fp16 (fp32 inputs/outputs; LayerNorm/Softmax/BatchNorm kept fp32)")
-        info.update(convert_fp16(onnx_path, out))
-    elif precision == "int8":
-        if calibration is None:
-            raise InputError("an int8 build needs calibration data")
-        say(f"quantizing to int8 (static QDQ, {len(calibration)} calibration crops)")
-        info.update(quantize_int8(onnx_path, out, calibration, options or {}))
-    else:
+    options = dict(options or {})
+    attention = str(options.pop("attention", "portable"))
+    if attention not in ATTENTION_FORMS:
+        raise InputError(f"attention={attention} is not an onnxruntime build option value; "
+                         f"choose attention={'|'.join(ATTENTION_FORMS)}")
+    if attention == "fused" and precision not in ("fp32", "int8"):
+        raise InputError("attention=fused is made for fp32 and int8 onnxruntime builds")
+    if precision not in ("fp32", "fp16", "int8"):
         raise InputError(f"onnxruntime has no {precision} build; choose fp32, fp16 or int8")
+    with tempfile.TemporaryDirectory(prefix="kpface-ort-b-") as work:
+        src = onnx_path
+        if attention == "fused":
+            say("fusing attention into ONNX Runtime's contrib "
+                + ("Attention" if precision == "fp32" else "MultiHeadAttention") + " ops")
+            src = Path(work) / "fused.onnx"
+            info["attention"] = fuse_attention(onnx_path, src, precision)
+        if precision == "fp32":
+            onnxfile.copy(src, out)
+            info["method"] = "the exported fp32 ONNX graph" + (
+                " with fused attention" if attention == "fused" else "")
+        elif precision == "fp16":
+            say("converting to fp16 (fp32 inputs/outputs; LayerNorm/Softmax/BatchNorm kept fp32)")
+            info.update(convert_fp16(src, out))
+        else:
+            if calibration is None:
+                raise InputError("an int8 build needs calibration data")
+            say(f"quantizing to int8 (static QDQ, {len(calibration)} calibration crops)")
+            info.update(quantize_int8(src, out, calibration, options))
+    info["files"] = onnxfile.files(out)
     info["seconds"] = round(time.perf_counter() - t0, 2)
     return info
+
+
+def fuse_attention(src: Path, dst: Path, precision: str) -> dict[str, Any]:
+    """``src`` with every ViT attention as one ONNX Runtime contrib op, written to ``dst``:
+    ``Attention`` for fp32, ``MultiHeadAttention`` after three MatMuls (which int8 quantizes)
+    for int8 (:mod:`.ort_attention`)."""
+    import onnx
+
+    from .ort_attention import fuse
+    model = onnx.load(str(src))
+    done = fuse(model, "attention" if precision == "fp32" else "mha")
+    if not done["blocks"]:
+        raise InputError(f"{src.name} has no attention block ONNX Runtime's fused op can take "
+                         "(attention=fused is made for the face ViTs); build without it")
+    onnxfile.save(model, dst)
+    return {"fused": "com.microsoft." + ("Attention" if done["form"] == "attention"
+                                         else "MultiHeadAttention"), **done}
 
 
 def convert_fp16(src: Path, dst: Path) -> dict[str, Any]:
@@ -171,7 +205,8 @@ def convert_fp16(src: Path, dst: Path) -> dict[str, Any]:
     # It logs every initializer shared by fp32 and fp16 nodes (it keeps both copies) at INFO.
     with quiet("onnxruntime.transformers.float16"):
         model16 = convert_float_to_float16(model, keep_io_types=True, op_block_list=block)
-    onnx.save(model16, str(dst))
+    del model
+    onnxfile.save(model16, dst)
     return {"method": "onnxruntime.transformers.float16.convert_float_to_float16",
             "keep_io_types": True, "fp32_op_types": FP16_KEEP_FP32}
 
@@ -260,6 +295,8 @@ def quantize_int8(src: Path, dst: Path, calibration, options: dict) -> dict[str,
                            "OpTypesToExcludeOutputQuantization":
                                [] if options.get("quantize_outputs", False) else INT8_OP_TYPES})
     q = onnx.load(str(dst))
+    onnxfile.order_as_needed(q)
+    onnxfile.save(q, dst)  # a large int8 graph gets page-aligned external data too
     n_q = sum(1 for n in q.graph.node if n.op_type == "QuantizeLinear")
     n_dq = sum(1 for n in q.graph.node if n.op_type == "DequantizeLinear")
     return {"method": "onnxruntime.quantization.quantize_static", "format": "QDQ",
