@@ -20,6 +20,18 @@ class Entry(NamedTuple):
     precision: str
     build: dict[str, Any] | None = None
 
+    @property
+    def variant(self) -> str:
+        """The build options it was made with ("" for none, or for model.onnx itself)."""
+        return variant_of(self.build["info"]) if self.build is not None else ""
+
+
+def variant_of(info: dict[str, Any]) -> str:
+    """``key=value`` of a build.json's build options, joined by ``+`` ("" without options)."""
+    opts = info.get("options") or {}
+    return "+".join(f"{k}={v}" for k, v in sorted(opts.items())) if isinstance(opts, dict) \
+        else ""
+
 
 def engine_table(only: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
     """``{runtime: {available, reason, module, device_key}}`` for every engine of
@@ -125,7 +137,7 @@ def runnable(model_dir: Path, engines: dict[str, dict], runtimes: Sequence[str] 
             continue
         if precisions and b["precision"] not in precisions:
             continue
-        if key == REFERENCE:
+        if key == REFERENCE and not variant_of(b["info"]):
             continue  # a copy of model.onnx: the reference row measures it
         eng = engines.get(b["runtime"])
         where = f"{model_dir.name}/builds/{b['dir'].name}"

@@ -78,6 +78,10 @@ def _ratio_lines(report: dict) -> list[str]:
             vals = ", ".join(f"b{b} {_fmt(v, '.3f')}" for b, v in r["by_batch"].items())
             extra = f"  [{r['numerator']} / {r['denominator']}]" if "numerator" in r else ""
             lines.append(f"{name}: {vals}{extra}")
+        elif "by_config" in r:
+            vals = "; ".join(f"{c} " + ", ".join(f"b{b} {_fmt(v, '.2f')}" for b, v in by.items())
+                             for c, by in r["by_config"].items())
+            lines.append(f"{name}: {vals}")
         else:
             lines.append(f"{name}: {_fmt(r.get('value'), '.3f')} (batch {r.get('batch')})")
     return lines
@@ -173,6 +177,11 @@ def markdown(report: dict, chart: str | None) -> str:
     for name, r in report["ratios"].items():
         if r.get("status") != "ok":
             lines.append(f"- **{name}**: skipped - {r.get('reason')}")
+        elif "by_config" in r:
+            vals = "; ".join(f"{c} " + ", ".join(f"batch {b}: **{_fmt(x, '.2f')}**"
+                                                 for b, x in by.items())
+                             for c, by in r["by_config"].items())
+            lines.append(f"- **{name}**: {vals} ({r.get('definition')})")
         elif "by_batch" in r:
             vals = ", ".join(f"batch {b}: **{_fmt(x, '.3f')}**" for b, x in r["by_batch"].items())
             lines.append(f"- **{name}**: {vals} ({r.get('definition')}"
