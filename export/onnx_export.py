@@ -19,7 +19,7 @@ import torch
 
 import kpface
 from kpface.errors import InputError, KpfaceError
-from kpface.hub import arch_for, download, is_hub_name
+from kpface.hub import HubFile, arch_for, download, is_hub_name
 from kpface.manifest import staging_dir, write_manifest
 from kpface.weights import from_source
 
@@ -75,7 +75,8 @@ def build_model(arch: str, weights: str | os.PathLike | None = None, strict: boo
     """Return (spec, eval-mode module, source description for the manifest).
 
     ``weights``: a checkpoint path, ``hf:OWNER/REPO[@REVISION]`` (its model.safetensors from
-    the Hugging Face cache, see :mod:`kpface.hub`), or None (the weights an installed package
+    the Hugging Face cache, see :mod:`kpface.hub`) or a :class:`~kpface.hub.HubFile` already
+    resolved, or None (the weights an installed package
     ships for ``arch``, else random). :func:`kpface.weights.from_source` turns the returned
     description into the manifest's ``weights`` block.
 
@@ -91,8 +92,9 @@ def build_model(arch: str, weights: str | os.PathLike | None = None, strict: boo
     hub = None
     if is_hub_name(weights):
         arch_for(str(weights), spec.task, arch)  # a known repo must hold this arch
-        hub = download(str(weights))
-        weights = hub.path
+        weights = download(str(weights))
+    if isinstance(weights, HubFile):  # resolved already (the CLI does it before torch loads)
+        hub, weights = weights, weights.path
     init: dict[str, Any] = {"modules": f"the modules' own init under torch.manual_seed({seed})"}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

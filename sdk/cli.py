@@ -35,17 +35,19 @@ def engine_names() -> list[str]:
 # -- export -----------------------------------------------------------------------------------
 
 def cmd_export(args) -> int:
+    from .hub import arch_for, download, is_hub_name
+    from .weights import describe, is_partial, is_random
+    weights = args.weights
+    if is_hub_name(weights):  # the repo says which architecture it holds
+        arch = arch_for(weights, args.task, args.arch)
+        weights = download(weights)  # before torch is imported: a failure costs nothing
+    else:
+        arch = args.arch or DEFAULT_ARCH[args.task]
     try:
         from kpface.export.onnx_export import export_model
     except ImportError as e:
         raise KpfaceError(f"export needs torch and onnx ({e.name} is missing): "
                           "pip install 'kpface[export]'") from None
-    from .hub import arch_for, is_hub_name
-    from .weights import describe, is_partial, is_random
-    if is_hub_name(args.weights):  # the repo says which architecture it holds
-        arch = arch_for(args.weights, args.task, args.arch)
-    else:
-        arch = args.arch or DEFAULT_ARCH[args.task]
     out = Path(args.out or arch)
     options = {}
     for item in args.option or []:
@@ -53,7 +55,7 @@ def cmd_export(args) -> int:
         if not sep or not name or not value:
             raise InputError(f"--option {item!r} is not NAME=VALUE (e.g. --option sampling=gather)")
         options[name] = value
-    manifest = export_model(arch, out, weights=args.weights, opset=args.opset,
+    manifest = export_model(arch, out, weights=weights, opset=args.opset,
                             strict=not args.no_strict, task=args.task, progress=say,
                             save_weights=args.save_weights, options=options, seed=args.seed)
     print(f"exported {arch} to {out}/ in {manifest['export_seconds']:.1f} s")
