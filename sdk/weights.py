@@ -150,13 +150,12 @@ _ANSWERS = {"detector": "detections", "keypoints": "landmarks", "recognizer": "s
 
 def stage_warning(manifest: dict[str, Any], stage: str) -> str | None:
     """One line for a stage whose weights are random or partial (None when they are real):
-    ``recognizer vit_kprpe_small: RANDOM weights (seed 0): its similarities say nothing ...``."""
+    ``recognizer vit_kprpe_small: RANDOM weights (seed 0): its similarities are meaningless
+    for real faces``."""
     if not (is_random(manifest) or is_partial(manifest)):
         return None
     name = manifest.get("arch") or manifest.get("name") or stage
     answers = _ANSWERS.get(stage, "outputs")
     if is_random(manifest):
-        return (f"{stage} {name}: {describe(manifest)}: its {answers} are meaningless for real "
-                "faces" + ("; no identity verdict is given" if stage == "recognizer" else ""))
-    return (f"{stage} {name}: {describe(manifest)}: its {answers} may be wrong"
-            + ("; no identity verdict is given" if stage == "recognizer" else ""))
+        return f"{stage} {name}: {describe(manifest)}: its {answers} are meaningless for real faces"
+    return f"{stage} {name}: {describe(manifest)}: its {answers} may be wrong"
