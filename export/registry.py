@@ -68,6 +68,8 @@ class ArchSpec:
     # Path of real weights shipped by an installed package, if there is one; or, for weights
     # split over several files, {submodule name: path} (each loaded into that submodule).
     packaged_weights: Callable[[], str | dict[str, str]] | None = None
+    # The distribution that ships those files (its name and version go into the manifest).
+    package: str | None = None
     # Export-time choices {name: allowed values}, the first value the default; ``factory``
     # receives the chosen values as keyword arguments and the manifest records them.
     options: dict[str, tuple[str, ...]] = field(default_factory=dict)

@@ -66,7 +66,7 @@ def test_checkpoint_loads_are_unaffected(tmp_path):
     from kpface.export.checkpoint import save_weights
     spec = registry.get("vit_kprpe_tiny")
     trained = spec.factory()  # training init: keypoint_linear all zeros
-    assert float(trained.keypoint_linear.weight.abs().max()) == 0.0
+    assert float(trained.keypoint_linear.weight.detach().abs().max()) == 0.0
     path = tmp_path / "w.safetensors"
     save_weights(trained, path, arch=spec.name)
     _, model, source = build_model("vit_kprpe_tiny", weights=path, seed=3)
