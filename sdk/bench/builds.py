@@ -130,7 +130,7 @@ def runnable(model_dir: Path, engines: dict[str, dict], runtimes: Sequence[str] 
                         "reason": reason})
 
     wanted_rt = list(runtimes) if runtimes else None
-    seen = {REFERENCE}
+    seen = {(*REFERENCE, "")}
     for b in find_builds(model_dir):
         key = (b["runtime"], b["precision"])
         if wanted_rt is not None and b["runtime"] not in wanted_rt:
@@ -148,10 +148,10 @@ def runnable(model_dir: Path, engines: dict[str, dict], runtimes: Sequence[str] 
         elif eng.get("device_key") and b["device_key"] and b["device_key"] != eng["device_key"]:
             skip(*key, f"{where} was built for device {b['device_key']!r}; this machine is "
                        f"{eng['device_key']!r}")
-        elif key in seen:
+        elif (*key, variant_of(b["info"])) in seen:
             skip(*key, f"{where}: another {key[0]} {key[1]} build was measured")
         else:
-            seen.add(key)
+            seen.add((*key, variant_of(b["info"])))
             entries.append(Entry(b["runtime"], b["precision"], b))
     # Explicitly requested runtimes / precisions that have nothing to run.
     for rt in wanted_rt or []:
@@ -161,8 +161,8 @@ def runnable(model_dir: Path, engines: dict[str, dict], runtimes: Sequence[str] 
         if not engines[rt]["available"]:
             continue  # reported once for all stages by run_bench
         for p in (precisions or []):
-            if (rt, p) not in seen and not any(s["runtime"] == rt and s["precision"] == p
-                                               for s in skipped):
+            if not any(k[:2] == (rt, p) for k in seen) and not any(
+                    s["runtime"] == rt and s["precision"] == p for s in skipped):
                 if p == "int8" and stage in ("detect", "keypoints"):
                     reason = "int8 builds are made for the recognizer only"
                 else:

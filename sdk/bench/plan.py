@@ -248,8 +248,11 @@ class _Planner:
             return
         det_keys = {(e.runtime, e.precision) for e in det.entries}
         kp_keys = {(e.runtime, e.precision) for e in kp.entries} if kp is not None else None
+        built = {(e.runtime, e.precision) for e in rec.entries if e.build is not None}
         for entry in rec.entries:
             rt, p = entry.runtime, entry.precision
+            if entry.build is None and (rt, p) in built:
+                continue  # the pipeline opens that build, not model.onnx: its row is the build's
             dp = p if (rt, p) in det_keys else ("fp32" if (rt, "fp32") in det_keys else None)
             if dp is not None and kp_keys is not None and (rt, dp) not in kp_keys:
                 dp = None

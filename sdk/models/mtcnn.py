@@ -64,11 +64,13 @@ class MTCNNDetector(Model):
         if self.min_face_size < self.cell:
             raise InputError(f"min_face_size must be >= {self.cell} pixels, "
                              f"got {self.min_face_size}")
-        # The pyramid's levels are independent: up to `threads` of them run at once, each on a
-        # one-thread P-Net session (ONNX Runtime and OpenVINO runs are re-entrant), instead of
-        # one level at a time on `threads` threads, where the small levels leave cores idle.
+        # The pyramid's levels are independent: on ONNX Runtime (whose runs are re-entrant and
+        # concurrent) up to `threads` of them run at once, each on a one-thread P-Net session,
+        # instead of one level at a time on `threads` threads, where the small levels leave
+        # cores idle. An OpenVINO session runs one request at a time (one stream).
         from kpface.runtimes.engines import default_threads  # lazy, like every engine import
-        self.workers = max(1, min(int(threads or default_threads()), MAX_PYRAMID_WORKERS))
+        self.workers = 1 if runtime != "onnxruntime" else \
+            max(1, min(int(threads or default_threads()), MAX_PYRAMID_WORKERS))
         self.pnet = open_graph(model_dir, self.manifest, "pnet", runtime, precision,
                                1 if self.workers > 1 else threads, device)
         self.rnet = self._session("rnet")
