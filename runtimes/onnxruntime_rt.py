@@ -72,10 +72,18 @@ def versions() -> dict[str, str]:
 # --- sessions ------------------------------------------------------------------------------
 
 class OrtSession:
-    """ONNX Runtime session on one ONNX file; thread-safe (ORT's run is re-entrant)."""
+    """ONNX Runtime session on one ONNX file; thread-safe (ORT's run is re-entrant).
+
+    ``spinning`` (off by default): ONNX Runtime's worker threads busy-wait for work between
+    ops unless told not to. A pipeline runs several sessions one after the other (P-Net, R-Net,
+    O-Net, the recognizer), and each one's spinning threads took the cores from the next: on
+    this 2-core machine the int8 pipeline took 414 ms with spinning and 169 ms without, the
+    detector 144 ms against 68 ms (same process, same load). Weights of a graph saved with
+    external data (:mod:`.onnxfile`) are memory-mapped by ONNX Runtime, not copied.
+    """
 
     def __init__(self, path: str | os.PathLike, threads: int | None = None,
-                 providers: list | None = None):
+                 providers: list | None = None, spinning: bool = False):
         try:
             import onnxruntime as ort
         except ImportError:
@@ -85,6 +93,7 @@ class OrtSession:
         opts.inter_op_num_threads = 1
         opts.log_severity_level = 3
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         try:
             self._sess = ort.InferenceSession(str(path), opts,
                                               providers=providers or ["CPUExecutionProvider"])

@@ -57,7 +57,8 @@ def _row_cells(r: dict) -> list[str]:
     size = r.get("size_bytes")
     frac = r.get("fraction_of_peak")
     return [r["stage"], f"{r['model']}" + (f" ({r['arch']})" if r.get("arch") else ""),
-            r["runtime"], r["precision"], str(r["batch"]),
+            r["runtime"] + (f" [{r['variant']}]" if r.get("variant") else ""), r["precision"],
+            str(r["batch"]),
             _fmt(lat.get("p50")), _fmt(lat.get("p90")), _fmt(lat.get("p99")),
             _fmt(r.get("throughput_items_s"), ".1f"), _fmt(mem, ".0f"),
             _fmt(size / 2 ** 20 if size else None, ".1f"), accuracy_headline(r.get("accuracy")),
