@@ -45,7 +45,8 @@ if cfg['engine'] == 'onnxruntime':
     o.intra_op_num_threads = cfg['threads']; o.inter_op_num_threads = 1
     o.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     o.enable_mem_pattern = cfg.get('mem_pattern', True)
-    o.enable_cpu_mem_arena = cfg.get('arena', True)
+    o.enable_cpu_mem_arena = cfg.get("arena", True)
+    o.add_session_config_entry("session.intra_op.allow_spinning", "0")  # as kpface sessions
     for k, v in cfg.get('config', {}).items():
         o.add_session_config_entry(k, v)
     s = ort.InferenceSession(cfg['path'], o, providers=['CPUExecutionProvider'])

@@ -30,6 +30,30 @@ def p50(rows: list[dict], **match) -> float | None:
     return None
 
 
+def _row(rows: list[dict], **match) -> dict | None:
+    for r in rows:
+        if r.get("status") == "ok" and all(r.get(k, "" if k == "variant" else None) == v
+                                           for k, v in match.items()):
+            return r
+    return None
+
+
+def paired_ratio(num: dict | None, den: dict | None, rounds: int) -> float | None:
+    """Median over the interleaved rounds of (numerator's median / denominator's median in
+    that round): the two rows were timed back to back in every round, so a load change
+    between rounds cancels out, where a ratio of whole-run medians keeps it."""
+    import numpy as np
+    if not num or not den:
+        return None
+    a, b = np.asarray(num.get("samples_ms") or []), np.asarray(den.get("samples_ms") or [])
+    if not a.size or a.size != b.size:
+        return None
+    n = max(1, min(rounds, a.size))
+    per = [np.median(x) / np.median(y) for x, y in zip(np.array_split(a, n),
+                                                       np.array_split(b, n)) if np.median(y) > 0]
+    return float(np.median(per)) if per else None
+
+
 def kprpe_overhead(rows: list[dict], plan: Plan, s: Settings) -> Entries:
     """KP-RPE ViT p50 / the same ViT without KP-RPE, per batch, in every form of
     :data:`~kpface.bench.settings.OVERHEAD_FORMS` (model.onnx on ONNX Runtime, the OpenVINO
@@ -52,9 +76,15 @@ def kprpe_overhead(rows: list[dict], plan: Plan, s: Settings) -> Entries:
                 batch=b, variant=variant),
             p50(rows, stage="embed", model=pair["plain"], runtime=runtime, precision="fp32",
                 batch=b, variant=variant)) for b in s.batches}
+        paired = {str(b): paired_ratio(
+            _row(rows, stage="embed", model=pair["kprpe"], runtime=runtime, precision="fp32",
+                 batch=b, variant=variant),
+            _row(rows, stage="embed", model=pair["plain"], runtime=runtime, precision="fp32",
+                 batch=b, variant=variant), s.rounds) for b in s.batches}
         ok = any(v is not None for v in by_batch.values())
         out[name] = {
             "status": "ok" if ok else "skipped", "by_batch": by_batch,
+            "paired_by_batch": paired,
             "runtime": runtime, "variant": variant,
             "numerator": f"{pair['kprpe']} ({pair['models'][0][2].get('arch')})",
             "denominator": f"{pair['plain']} ({pair['models'][1][2].get('arch')})",

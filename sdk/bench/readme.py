@@ -58,7 +58,7 @@ def _recognizer_table(report: dict) -> list[str]:
             if x is None:
                 cells.append("-")
                 continue
-            frac = x.get("fraction_of_peak")
+            frac = x.get("fraction_of_peak") if key[1] == "fp32" else None  # fp32 FLOPs only
             cells.append(f"{_f(x['latency_ms']['p50'])} ms"
                          + (f" ({frac * 100:.0f}% of GEMM peak)" if frac and gemm else ""))
         one = _ok(rows, runtime=key[0], precision=key[1], variant=key[2], batch=batches[0])
@@ -83,8 +83,11 @@ def _ratios(report: dict) -> list[str]:
             out.append(f"- `{name}`: not measured ({r.get('reason')})")
             continue
         vals = ", ".join(f"batch {b}: **{_f(v, '.3f')}**" for b, v in r["by_batch"].items())
-        out.append(f"- `{name}` ({r['definition']}): {vals} (target <= "
-                   f"{TARGETS['kprpe_overhead']})")
+        paired = ", ".join(f"batch {b}: {_f(v, '.3f')}"
+                           for b, v in (r.get("paired_by_batch") or {}).items())
+        out.append(f"- `{name}` ({r['definition']}): {vals}"
+                   + (f"; paired (median over the rounds of the ratio within a round): {paired}"
+                      if paired else "") + f" (target <= {TARGETS['kprpe_overhead']})")
     for name in sorted(k for k in ratios if k.startswith("int8_speedup_")):
         r = ratios[name]
         if r.get("status") != "ok":

@@ -78,7 +78,10 @@ def _ratio_lines(report: dict) -> list[str]:
         elif "by_batch" in r:
             vals = ", ".join(f"b{b} {_fmt(v, '.3f')}" for b, v in r["by_batch"].items())
             extra = f"  [{r['numerator']} / {r['denominator']}]" if "numerator" in r else ""
-            lines.append(f"{name}: {vals}{extra}")
+            paired = ", ".join(f"b{b} {_fmt(v, '.3f')}"
+                               for b, v in (r.get("paired_by_batch") or {}).items())
+            lines.append(f"{name}: {vals}" + (f" (paired by round: {paired})" if paired else "")
+                         + extra)
         elif "by_config" in r:
             vals = "; ".join(f"{c} " + ", ".join(f"b{b} {_fmt(v, '.2f')}" for b, v in by.items())
                              for c, by in r["by_config"].items())
