@@ -1,0 +1,36 @@
+"""Exact search and re-ranking on the full-precision embeddings (:class:`~.rows.Rows`)."""
+from __future__ import annotations
+
+import numpy as np
+
+EXACT_BLOCK = 1 << 24  # floats of one [queries, rows] score block
+
+
+def exact_topk(q: np.ndarray, rows, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Best ``k`` alive rows per query by a matrix product: (positions, cosines), best first."""
+    out_p = np.zeros((len(q), k), np.int64)
+    out_s = np.zeros((len(q), k), np.float32)
+    step = max(1, EXACT_BLOCK // max(rows.n, 1))
+    for i in range(0, len(q), step):
+        s = q[i:i + step] @ rows.vecs[:rows.n].T
+        if rows.dead:
+            s[:, ~rows.alive[:rows.n]] = -np.inf
+        top = np.argpartition(-s, k - 1, axis=1)[:, :k] if k < rows.n else \
+            np.broadcast_to(np.arange(rows.n), s.shape)
+        ts = np.take_along_axis(s, top, 1)
+        order = np.argsort(-ts, axis=1, kind="stable")
+        out_p[i:i + step] = np.take_along_axis(top, order, 1)
+        out_s[i:i + step] = np.take_along_axis(ts, order, 1)
+    return out_p, out_s
+
+
+def rerank(q: np.ndarray, vecs: np.ndarray, pos: np.ndarray, k: int
+           ) -> tuple[np.ndarray, np.ndarray]:
+    """Exact cosine of each candidate position (-1: none) on the float32 embeddings; the best
+    ``k`` kept, best first (-1 and -inf where there were fewer)."""
+    s = np.einsum("qd,qcd->qc", q, vecs[np.maximum(pos, 0)]).astype(np.float32)
+    s[pos < 0] = -np.inf
+    order = np.argsort(-s, axis=1, kind="stable")[:, :k]
+    s, pos = np.take_along_axis(s, order, 1), np.take_along_axis(pos, order, 1)
+    pos[~np.isfinite(s)] = -1
+    return pos, s
