@@ -90,12 +90,17 @@ def _set_search(g: Gallery, value: int) -> None:
 
 def run(rows: int, queries: int = 2000, index: str = "auto", alpha: float = 1.0,
         seed: int = 0, workdir: str | None = None, sweep: bool = False,
-        keep: bool = False) -> dict:
+        keep: bool = False, reuse: bool = False) -> dict:
     load0 = os.getloadavg()
     work = Path(workdir or tempfile.mkdtemp(prefix="kpface-gallery-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     path = work / f"bench-{rows}.kpg"
-    for suffix in ("", "-wal", "-shm", ".index", ".index.json"):
+    if reuse and path.exists():
+        with Gallery.open(path, create=False) as old:
+            reuse = len(old) == rows
+    else:
+        reuse = False
+    for suffix in (".index", ".index.json") + (() if reuse else ("", "-wal", "-shm")):
         Path(f"{path}{suffix}").unlink(missing_ok=True)
     data = Synthetic(alpha=alpha, seed=seed)
     rng = np.random.default_rng([seed, 9])
@@ -105,7 +110,7 @@ def run(rows: int, queries: int = 2000, index: str = "auto", alpha: float = 1.0,
     both = np.concatenate([mated, non_mated])
     _threads(2)
 
-    _say(f"bench: adding {rows:,} synthetic rows to {path}")
+    _say(f"bench: {'reusing the' if reuse else 'adding'} {rows:,} synthetic rows of {path}")
     g = Gallery.open(path, threshold=0.5, index=index, progress=_say)
     t0 = time.perf_counter()
     best_i = np.full(len(both), -1, np.int64)
@@ -113,7 +118,8 @@ def run(rows: int, queries: int = 2000, index: str = "auto", alpha: float = 1.0,
     for first in range(0, rows, CHUNK):
         count = min(CHUNK, rows - first)
         emb = data.gallery(first, count)
-        g.add([str(first + i) for i in range(count)], emb)
+        if not reuse:
+            g.add([str(first + i) for i in range(count)], emb)
         i, s = exact_top1(both, [emb])
         better = s > best_s
         best_i[better], best_s[better] = i[better] + first, s[better]
@@ -143,8 +149,9 @@ def run(rows: int, queries: int = 2000, index: str = "auto", alpha: float = 1.0,
         "mate_is_exact_top1": float(np.mean(best_i[:queries] == who)),
         "recall_at_1": {"mated": float(np.mean(top[:queries] == exact_ids[:queries])),
                         "non_mated": float(np.mean(top[queries:] == exact_ids[queries:]))},
-        "latency_1_thread": lat, "seconds": {"add": round(add_s, 1), "reopen": round(reopen_s, 1),
-                                             "build_index": round(build_s, 1)},
+        "latency_1_thread": lat,
+        "seconds": {"add": None if reuse else round(add_s, 1), "reopen": round(reopen_s, 1),
+                    "build_index": round(build_s, 1)},
         "memory_after_build": mem_built,
     }
     _threads(2)
@@ -185,9 +192,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dir", help="where the gallery file goes (default: a temporary folder)")
     ap.add_argument("--sweep", action="store_true", help="profile nprobe / efSearch")
     ap.add_argument("--json", help="also write the report here")
+    ap.add_argument("--reuse", action="store_true", help="keep a gallery file of --rows rows "
+                    "left in --dir by an earlier run (skips the adds; the index is rebuilt)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    report = run(args.rows, args.queries, args.index, args.alpha, args.seed, args.dir, args.sweep)
+    report = run(args.rows, args.queries, args.index, args.alpha, args.seed, args.dir, args.sweep,
+                 reuse=args.reuse)
     text = json.dumps(report, indent=2)
     print(text)
     if args.json:

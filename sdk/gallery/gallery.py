@@ -184,6 +184,8 @@ class Gallery:
                 rowids = self.store.insert(ids, labels, emb)
                 self.store.set("generation", gen)
             if self._rows is not None:
+                if self._rows.dim != emb.shape[1]:  # loaded while empty, before any dim
+                    self._rows = Rows(emb.shape[1])
                 self._forget(np.asarray(old, np.int64))
                 self._rows.append(np.asarray(rowids, np.int64), ids, labels, emb)
                 self._gen = gen
@@ -426,6 +428,24 @@ class Gallery:
             self.store.set("calibration", cal.to_dict())
         log.info("%s: %s", self.path, cal.line())
         return cal
+
+    def get(self, ids: Sequence) -> tuple[np.ndarray, list[str]]:
+        """The stored (L2-normalised float32) embeddings [n, D] and labels of rows, by id."""
+        ids = [str(i) for i in ids]
+        found = self.store.rowids_of(ids)
+        missing = [i for i in ids if i not in found]
+        if missing:
+            raise InputError(f"not in the gallery: {', '.join(missing[:5])}")
+        by_rowid = {}
+        with self.store.lock:
+            for part in range(0, len(ids), 900):
+                want = [found[i] for i in ids[part:part + 900]]
+                q = (f"SELECT rowid, label, embedding FROM faces WHERE rowid IN "
+                     f"({','.join('?' * len(want))})")
+                by_rowid.update((r, (l_, e)) for r, l_, e in self.store.db.execute(q, want))
+        rows = [by_rowid[found[i]] for i in ids]
+        emb = np.frombuffer(b"".join(e for _, e in rows), "<f4").reshape(len(ids), self.dim)
+        return emb.astype(np.float32), [l_ for l_, _ in rows]
 
     def labels(self) -> list[str]:
         with self.store.lock:

@@ -57,12 +57,13 @@ def choose(n: int) -> str:
 
 
 def ivf_params(n: int, dim: int) -> dict[str, int]:
-    """nlist: a power of two near 2 sqrt(n) (about 500 rows per cell at 1e6); nprobe: 1/16 of
-    the cells, at least 16; PCA to dim / 4 (>= 64 dimensions left); training on up to 64 rows
+    """nlist: a power of two near 2 sqrt(n) (about 500 rows per cell at 1e6); nprobe: 1/32 of
+    the cells, at least 32; PCA to dim / 4 (>= 64 dimensions left); training on up to 64 rows
     per cell. Measured in the README ("Galleries")."""
     nlist = 2 ** max(4, round(math.log2(2 * math.sqrt(max(n, 1)))))
+    nlist = min(nlist, 2 ** int(math.log2(max(n // 39, 1))))  # FAISS wants >= 39 rows per cell
     pca = dim // 4 if dim >= 256 else 0
-    return {"nlist": nlist, "nprobe": max(16, nlist // 16), "pca": pca, "train": min(n, 64 * nlist)}
+    return {"nlist": nlist, "nprobe": max(32, nlist // 32), "pca": pca, "train": min(n, 64 * nlist)}
 
 
 def candidates(kind: str, k: int) -> int:
@@ -112,7 +113,7 @@ class FaissIndex:
         if self.trained:
             return
         t = time.perf_counter()
-        _say(progress, f"index: training {_ivf_spec(self.params)} (PCA, k-means) on "
+        _say(progress, f"index: training {_ivf_spec(self.params)} on "
              f"{len(vectors):,} vectors")
         self.index.train(np.ascontiguousarray(vectors, np.float32))
         _say(progress, f"index: trained in {time.perf_counter() - t:.1f} s")

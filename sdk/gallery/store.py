@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 SCHEMA = 1
 APPLICATION_ID = 0x6B706667  # "kpfg": marks the file as a kpface gallery
 BUSY_TIMEOUT_MS = 30_000
+PAGE_SIZE = 16_384
 MAX_VARS = 900  # SQLite's bound on ? parameters per statement (999 in old builds)
 
 _DDL = """
@@ -94,6 +95,9 @@ class Store:
 
     def _create(self) -> None:
         with self.lock:
+            # 16 KiB pages hold seven 2 KiB embedding rows; at SQLite's default 4 KiB one row
+            # (2 KiB + its id) fills a page, doubling the file.
+            self.db.execute(f"PRAGMA page_size = {PAGE_SIZE}")
             self.db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
             self.db.execute("PRAGMA journal_mode = WAL")
             self.db.executescript(_DDL)
