@@ -91,7 +91,8 @@ def cmd_search(args) -> int:
             elif m.match:
                 print(f"  -> {m.label} (cosine {m.score:.4f} >= threshold {m.threshold:.4f})")
             else:
-                print(f"  -> unknown (best {m.label} at {m.score:.4f} < threshold {m.threshold:.4f})")
+                print(f"  -> unknown (best {m.label} at {m.score:.4f} < threshold "
+                      f"{m.threshold:.4f})")
     if refused is not None:
         raise refused
     return 0

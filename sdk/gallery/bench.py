@@ -125,7 +125,9 @@ def run(rows: int, queries: int = 2000, index: str = "auto", alpha: float = 1.0,
         best_i[better], best_s[better] = i[better] + first, s[better]
         done = first + count
         spent = time.perf_counter() - t0
-        _say(f"bench: {done:,}/{rows:,} rows added ({spent:.0f} s, ~{spent / done * (rows - done):.0f} s left)")
+        left = spent / done * (rows - done)
+        _say(f"bench: {done:,}/{rows:,} rows {'read' if reuse else 'added'} ({spent:.0f} s, "
+             f"~{left:.0f} s left)")
     add_s = time.perf_counter() - t0
     g.close()
 
@@ -164,7 +166,8 @@ def run(rows: int, queries: int = 2000, index: str = "auto", alpha: float = 1.0,
         for value in sorted({max(1, base // 4), max(1, base // 2), base, base * 2, base * 4}):
             _set_search(g, value)
             top_v, lat_v = _latency(g, both[:queries])
-            profile.append({name: value, "recall_at_1_mated": float(np.mean(top_v == exact_ids[:queries])),
+            recall = float(np.mean(top_v == exact_ids[:queries]))
+            profile.append({name: value, "recall_at_1_mated": recall,
                             **lat_v})
             _say(f"bench: {name} {value}: {profile[-1]}")
         report["sweep"] = profile

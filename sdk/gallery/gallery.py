@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -27,7 +26,7 @@ from ..errors import InputError, ModelError, RandomWeightsError
 from . import index as idx
 from .cache import IndexCache
 from .calibration import Calibration, calibrate
-from .model import describe_model, model_line, model_problem, same_model
+from .model import describe_model, model_problem, same_model
 from .rows import Rows
 from .search import exact_topk, rerank
 from .store import Store
@@ -453,18 +452,6 @@ class Gallery:
                 "SELECT DISTINCT label FROM faces ORDER BY label")]
 
     def info(self) -> dict[str, Any]:
-        meta = self.store.meta()
-        rows = self.store.count()
-        cache = self.cache.read()
-        files = [self.path, Path(f"{self.path}-wal")]
-        return {"path": str(self.path), "rows": rows, "identities": self.store.labels_count(),
-                "dim": meta.get("dim"), "model": model_line(meta.get("model")),
-                "verdicts": model_problem(meta.get("model")) or "yes",
-                "threshold": meta.get("threshold"), "threshold_source": meta.get("threshold_source"),
-                "calibration": meta.get("calibration"),
-                "index": {"kind": idx.choose(rows) if self.want == "auto" else self.want,
-                          "cache": None if cache is None else {
-                              k: cache.get(k) for k in ("kind", "params", "generation")},
-                          "cache_current": bool(cache and cache.get("generation") == meta["generation"])},
-                "generation": meta["generation"],
-                "bytes": sum(f.stat().st_size for f in files if f.exists())}
+        """What ``kpface gallery info`` shows (rows, recognizer, threshold, index, bytes)."""
+        from .describe import describe
+        return describe(self)

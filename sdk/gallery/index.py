@@ -99,7 +99,8 @@ class FaissIndex:
         if self.kind == "ivf":
             f.extract_index_ivf(self.index).nprobe = int(self.params["nprobe"])
         elif self.kind == "hnsw":
-            f.downcast_index(self.index.index).hnsw.efSearch = int(self.params.setdefault("efSearch", 128))
+            ef = int(self.params.setdefault("efSearch", 128))
+            f.downcast_index(self.index.index).hnsw.efSearch = ef
 
     @property
     def trained(self) -> bool:

@@ -48,7 +48,8 @@ def describe_model(model: Any, runtime: str = "onnxruntime", precision: str = "f
     """
     rec = getattr(model, "recognizer", model)  # a FacePipeline holds its Recognizer
     if hasattr(rec, "manifest") and getattr(rec, "model_dir", None) is not None:
-        runtime, precision, _, device = getattr(rec, "_open_args", (runtime, precision, None, device))
+        runtime, precision, _, device = getattr(rec, "_open_args",
+                                                (runtime, precision, None, device))
         model_dir = Path(rec.model_dir)
     elif isinstance(model, (str, os.PathLike)):
         model_dir = _recognizer_dir(Path(model).expanduser())

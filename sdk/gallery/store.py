@@ -214,7 +214,8 @@ class Store:
         out: dict[int, tuple[str, str]] = {}
         with self.lock:
             for part in chunks([int(r) for r in rowids]):
-                q = f"SELECT rowid, id, label FROM faces WHERE rowid IN ({','.join('?' * len(part))})"
+                marks = ",".join("?" * len(part))
+                q = f"SELECT rowid, id, label FROM faces WHERE rowid IN ({marks})"
                 out.update((r, (i, l)) for r, i, l in self.db.execute(q, part))
         return out
 
