@@ -258,6 +258,27 @@ def test_concurrent_readers_see_committed_changes(tmp_path):
     writer.close()
 
 
+def test_two_writers_interleave(tmp_path):
+    """A writer that has not looked since another one committed still ends up with every row:
+    it takes the other's changes in under its own write lock before adding its own."""
+    emb = random_rows(30, seed=14)
+    a = Gallery.open(tmp_path / "g.kpg", threshold=0.5)
+    b = Gallery.open(tmp_path / "g.kpg")
+    a.add([f"r{i}" for i in range(10)], emb[:10])
+    assert b.search(emb[0], k=1)[0][0, 0] == "r0"  # b has loaded the file
+    a.add([f"r{i}" for i in range(10, 20)], emb[10:20])
+    b.add([f"r{i}" for i in range(20, 30)], emb[20:30])  # b has not searched since
+    for g in (a, b):
+        ids, _ = g.search(emb, k=1)
+        assert list(ids[:, 0]) == [f"r{i}" for i in range(30)]
+    a.remove(["r20"])
+    b.remove(["r5"])
+    for g in (a, b):
+        ids, scores = g.search(emb[[5, 20]], k=1)
+        assert scores.max() < 0.9 and len(g) == 28
+        g.close()
+
+
 # -- calibration ---------------------------------------------------------------------------------
 
 def test_calibrate_matches_frvt_definitions(tmp_path):

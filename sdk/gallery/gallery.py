@@ -172,8 +172,8 @@ class Gallery:
         if len(emb) != len(ids) or len(labels) != len(ids):
             raise InputError(f"{len(ids)} ids, {len(labels)} labels and {len(emb)} embeddings")
         with self.store.lock:
-            self._sync_if_loaded()
             with self.store.transaction():
+                reload = self._catch_up()
                 if self.dim is None:
                     self.store.set("dim", int(emb.shape[1]))
                 old = list(self.store.rowids_of(ids).values())
@@ -182,7 +182,9 @@ class Gallery:
                     self.store.delete(old, gen)
                 rowids = self.store.insert(ids, labels, emb)
                 self.store.set("generation", gen)
-            if self._rows is not None:
+            if reload:
+                self._load()
+            elif self._rows is not None:
                 if self._rows.dim != emb.shape[1]:  # loaded while empty, before any dim
                     self._rows = Rows(emb.shape[1])
                 self._forget(np.asarray(old, np.int64))
@@ -211,16 +213,18 @@ class Gallery:
             return self._remove_rowids(rowids)
 
     def _remove_rowids(self, rowids: list[int]) -> int:
-        self._sync_if_loaded()
         with self.store.transaction():
+            reload = self._catch_up()
             gen = self.store.get("generation") + 1
             self.store.delete(rowids, gen)
             self.store.set("generation", gen)
+        if reload:
+            self._load()
         if self._rows is not None:
             self._forget(np.asarray(rowids, np.int64))
             self._gen = gen
-            if self._index is not None:
-                self._save_cache()  # the cache file must not keep them either
+        if self._index is not None:
+            self._save_cache()  # the cache file must not keep them either
         else:
             self.cache.purge(rowids, self.dim)
         return len(rowids)
@@ -315,36 +319,38 @@ class Gallery:
         self._gen, self._epoch = meta["generation"], meta["epoch"]
         self.model = meta.get("model")
 
-    def _sync_if_loaded(self) -> None:
-        if self._rows is not None:
-            self._sync()
-
     def _sync(self) -> None:
         """Pick up what other connections committed since the last look."""
         if self._rows is None:
             self._load()
             return
-        version = self.store.data_version()
-        if version == self._version:
+        if self.store.data_version() == self._version:
             return
-        self._version = version
         self.store.db.execute("BEGIN")
         try:
-            epoch, gen = self.store.get("epoch"), self.store.get("generation")
-            if epoch != self._epoch:
-                reload = True
-            else:
-                reload = False
-                if gen != self._gen:
-                    self._forget(np.asarray(self.store.removed_since(self._gen), np.int64))
-                    for rowids, ids, labels, emb in self.store.read(self._rows.max_rowid):
-                        self._rows.append(rowids, ids, labels, emb)
-                    self._gen = gen
+            reload = self._catch_up()
         finally:
             self.store.db.execute("COMMIT")
         if reload:
-            log.info("%s was compacted by another process; reloading", self.path)
             self._load()
+
+    def _catch_up(self) -> bool:
+        """Inside a transaction (a read snapshot, or the write lock of :meth:`add` /
+        :meth:`remove`, so that nothing can commit in between): take in other connections'
+        removals and rows. True when the file was compacted meanwhile (reload it)."""
+        if self._rows is None:
+            return False
+        self._version = self.store.data_version()
+        epoch, gen = self.store.get("epoch"), self.store.get("generation")
+        if epoch != self._epoch:
+            log.info("%s was compacted by another connection; reloading", self.path)
+            return True
+        if gen != self._gen:
+            self._forget(np.asarray(self.store.removed_since(self._gen), np.int64))
+            for rowids, ids, labels, emb in self.store.read(self._rows.max_rowid):
+                self._rows.append(rowids, ids, labels, emb)
+            self._gen = gen
+        return False
 
     def _kind(self) -> str:
         return idx.choose(len(self._rows)) if self.want == "auto" else self.want
