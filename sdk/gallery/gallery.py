@@ -71,6 +71,7 @@ class Gallery:
         self.store, self.path, self.want, self.progress = store, store.path, index, progress
         self.model: dict | None = store.get("model")
         self.cache = IndexCache(store.path)
+        self._dim: int | None = None
         self._rows: Rows | None = None
         self._index: idx.FaissIndex | None = None
         self._indexed = 0  # rows [0, _indexed) of _rows are in _index
@@ -130,7 +131,9 @@ class Gallery:
     # -- what it holds ---------------------------------------------------------------------
     @property
     def dim(self) -> int | None:
-        return self.store.get("dim")
+        if self._dim is None:  # set once, never changed: read from the file only until then
+            self._dim = self.store.get("dim")
+        return self._dim
 
     @property
     def threshold(self) -> float | None:
