@@ -99,10 +99,11 @@ def torch_model(manifest: dict, model_dir: str | os.PathLike):
         _, model, _ = build_model(arch, weights=ckpt, options=opts)
         return model.eval(), str(ckpt)
     from kpface.export import registry
-    if not source.get("random_weights") and registry.get(arch).packaged_weights is not None:
+    from kpface.weights import is_random
+    if not is_random(manifest) and registry.get(arch).packaged_weights is not None:
         _, model, _ = build_model(arch, options=opts)
         return model.eval(), "packaged weights"
-    why = ("was exported with random weights" if source.get("random_weights")
+    why = ("was exported with random weights" if is_random(manifest)
            else f"records checkpoint {ckpt!r}, which is gone or changed")
     raise ModelError(f"Core ML converts from torch and {model_dir} {why}; re-export it with "
                      "export_model(..., save_weights=True) or with the checkpoint (--weights PATH)")
