@@ -10,7 +10,8 @@ See :mod:`kpface.gallery.gallery` (the class), :mod:`.store` (the file), :mod:`.
 index kinds and how they are chosen), :mod:`.calibration` (FPIR / FNIR) and :mod:`.bench`.
 """
 from .calibration import Calibration  # noqa: F401
-from .gallery import Gallery, Match, as_queries  # noqa: F401
+from .gallery import Gallery, Match  # noqa: F401
+from .search import as_queries  # noqa: F401
 from .model import describe_model  # noqa: F401
 
 __all__ = ["Gallery", "Match", "Calibration", "describe_model", "open_for_models"]

@@ -28,7 +28,7 @@ from .cache import IndexCache
 from .calibration import Calibration, calibrate
 from .model import describe_model, model_problem, same_model
 from .rows import Rows
-from .search import exact_topk, rerank
+from .search import as_queries, exact_topk, rerank
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -43,23 +43,6 @@ class Match:
     score: float
     match: bool
     threshold: float
-
-
-def as_queries(x: Any, dim: int | None = None) -> np.ndarray:
-    """Faces, embeddings [D] or [Q, D] -> L2-normalised float32 [Q, D]."""
-    if hasattr(x, "embedding"):
-        x = [x]
-    if isinstance(x, (list, tuple)) and x and hasattr(x[0], "embedding"):
-        if any(f.embedding is None for f in x):
-            raise InputError("a face has no embedding; run the full pipeline, not detect()")
-        x = [f.embedding for f in x]
-    q = np.atleast_2d(np.asarray(x, np.float32))
-    if q.ndim != 2 or (dim is not None and q.shape[1] != dim):
-        raise InputError(f"queries must be [N, {dim or 'D'}] embeddings, got shape {q.shape}")
-    norms = np.linalg.norm(q, axis=1, keepdims=True)
-    if not np.all(np.isfinite(q)) or np.any(norms == 0):
-        raise InputError("an embedding is zero or not finite")
-    return q / norms
 
 
 class Gallery:

@@ -1,9 +1,30 @@
-"""Exact search and re-ranking on the full-precision embeddings (:class:`~.rows.Rows`)."""
+"""Queries, exact search and re-ranking on the full-precision embeddings (:class:`~.rows.Rows`)."""
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 
+from ..errors import InputError
+
 EXACT_BLOCK = 1 << 24  # floats of one [queries, rows] score block
+
+
+def as_queries(x: Any, dim: int | None = None) -> np.ndarray:
+    """Faces, embeddings [D] or [Q, D] -> L2-normalised float32 [Q, D]."""
+    if hasattr(x, "embedding"):
+        x = [x]
+    if isinstance(x, (list, tuple)) and x and hasattr(x[0], "embedding"):
+        if any(f.embedding is None for f in x):
+            raise InputError("a face has no embedding; run the full pipeline, not detect()")
+        x = [f.embedding for f in x]
+    q = np.atleast_2d(np.asarray(x, np.float32))
+    if q.ndim != 2 or (dim is not None and q.shape[1] != dim):
+        raise InputError(f"queries must be [N, {dim or 'D'}] embeddings, got shape {q.shape}")
+    norms = np.linalg.norm(q, axis=1, keepdims=True)
+    if not np.all(np.isfinite(q)) or np.any(norms == 0):
+        raise InputError("an embedding is zero or not finite")
+    return q / norms
 
 
 def exact_topk(q: np.ndarray, rows, k: int) -> tuple[np.ndarray, np.ndarray]:
