@@ -387,6 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("model_dir")
     i.set_defaults(func=cmd_info)
     add_cluster_parsers(sub)  # serve, export-triton
+    __import__("kpface.gallery_cli").gallery_cli.add_parsers(sub)  # kpface gallery ...
     return p
 
 

@@ -14,26 +14,24 @@ threads.
 """
 from __future__ import annotations
 
-import io
 import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from .align import invert_affine, transform_points
 from .errors import InputError, ModelError
 from .image import to_bgr8
-from .manifest import atomic_write_bytes, load_manifest
+from .manifest import load_manifest
 from .models.recognizer import Recognizer, l2_normalize
 from .weights import is_random, stage_warning, weights_of
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Face", "Comparison", "FacePipeline", "compare", "l2_normalize", "default_models_dir",
-           "Gallery"]
+__all__ = ["Face", "Comparison", "FacePipeline", "compare", "l2_normalize", "default_models_dir"]
 
 
 def default_models_dir() -> Path:
@@ -223,71 +221,3 @@ class FacePipeline:
 
     def compare(self, a: Face | np.ndarray, b: Face | np.ndarray) -> Comparison:
         return compare(a, b, self.threshold)
-
-
-class Gallery:
-    """A small 1:N gallery of L2-normalised embeddings, several per identity allowed."""
-
-    def __init__(self, threshold: float = 0.3):
-        self.threshold = threshold
-        self._names: list[str] = []
-        self._embs = np.zeros((0, 0), np.float32)
-
-    def __len__(self) -> int:
-        return len(set(self._names))
-
-    @property
-    def names(self) -> list[str]:
-        return sorted(set(self._names))
-
-    def enroll(self, name: str, faces: Face | np.ndarray | Iterable[Face | np.ndarray]) -> None:
-        if not name:
-            raise InputError("an identity needs a non-empty name")
-        if isinstance(faces, (Face, np.ndarray)):
-            faces = [faces]
-        rows = [_embedding_of(f) for f in faces]
-        if not rows:
-            raise InputError(f"no faces given to enroll for {name!r}")
-        new = np.stack(rows)
-        if self._embs.size and new.shape[1] != self._embs.shape[1]:
-            raise InputError(f"embedding size {new.shape[1]} differs from the gallery's "
-                             f"{self._embs.shape[1]}")
-        self._embs = new if not self._embs.size else np.concatenate([self._embs, new])
-        self._names += [name] * len(rows)
-
-    def remove(self, name: str) -> None:
-        keep = [i for i, n in enumerate(self._names) if n != name]
-        if len(keep) == len(self._names):
-            raise InputError(f"{name!r} is not in the gallery")
-        self._names = [self._names[i] for i in keep]
-        self._embs = self._embs[keep] if keep else np.zeros((0, 0), np.float32)
-
-    def identify(self, face: Face | np.ndarray, k: int = 1) -> list[tuple[str, float, bool]]:
-        """Top-k identities as (name, best cosine, cosine >= threshold), best first."""
-        if not self._names:
-            return []
-        sims = self._embs @ _embedding_of(face)
-        best: dict[str, float] = {}
-        for name, s in zip(self._names, sims):
-            best[name] = max(best.get(name, -1.0), float(s))
-        ranked = sorted(best.items(), key=lambda kv: -kv[1])[:k]
-        return [(n, s, s >= self.threshold) for n, s in ranked]
-
-    def save(self, path: str | os.PathLike) -> None:
-        buf = io.BytesIO()
-        np.savez(buf, names=np.array(self._names, dtype=str), embeddings=self._embs,
-                 threshold=np.float32(self.threshold))
-        atomic_write_bytes(path, buf.getvalue())
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> "Gallery":
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                g = cls(float(data["threshold"]))
-                g._names = [str(n) for n in data["names"]]
-                g._embs = data["embeddings"].astype(np.float32)
-        except FileNotFoundError:
-            raise InputError(f"{path}: no such gallery file") from None
-        except (OSError, KeyError, ValueError) as e:
-            raise InputError(f"{path}: not a kpface gallery ({e})") from None
-        return g
