@@ -292,7 +292,9 @@ def _manifest() -> dict:
                          "source": "dlib (loss_metric distance threshold stored in the .dat)",
                          "cosine_equivalent": COSINE_THRESHOLD,
                          "cosine_equivalent_at_norm": TYPICAL_NORM},
-        "weights": {"package": PACKAGE, "version": PACKAGE_VERSION, "file": DAT_FILE,
+        # kpface.weights' block: where the weights came from (a package that ships them).
+        "weights": {"source": "package", "package": f"{PACKAGE} {PACKAGE_VERSION}",
+                    "version": PACKAGE_VERSION, "file": DAT_FILE,
                     "license": "CC0 (dlib model files); LFW accuracy 99.38% as published"},
     }
 
