@@ -128,14 +128,18 @@ def _photos() -> dict[str, object]:
 
 def answer_pairs(models: Path, ways: list[tuple[str, str]], say) -> None:
     """Same / different on real photo pairs (:data:`PAIRS`) with ``recognizer/`` at each
-    (runtime, precision), and whether int8 changed any answer."""
+    (runtime, precision) (the detector on ONNX Runtime fp32), and whether int8 changed any
+    answer."""
+    from .models import load_recognizer
     from .pipeline import FacePipeline
     from .weights import describe
     photos = _photos()
     answers: dict[tuple[str, str], list[bool]] = {}
+    base = FacePipeline.from_dir(models)  # detection stays on ONNX Runtime fp32
     for runtime, precision in ways:
         try:
-            pipe = FacePipeline.from_dir(models, runtime=runtime, precision=precision)
+            rec = load_recognizer(models / "recognizer", runtime=runtime, precision=precision)
+            pipe = FacePipeline(base.detector, rec, keypoints=base.keypoints)
         except KpfaceError as e:
             say(f"[demo]   {runtime} {precision}: not run ({e})")
             continue

@@ -20,8 +20,9 @@ the flags as a numpy bool array, which pickles through numpy globals (``_reconst
 ``ndarray``, ``dtype``; ``_frombuffer`` at protocol 5), and Python 3 writes ``bytes`` at
 protocol 2 through ``_codecs.encode``; for exactly those names the unpickler hands back inert
 stand-ins of its own that only collect a one-dimensional ``bool`` array's bytes or latin-1
-text (numpy and codecs are never called: the flags become a list of ``bool``). Everything else (any other global, a ``dict``, a ``str``, a number) is refused and the
-loaded structure is checked: bytes, lists, tuples and booleans only.
+text (numpy and codecs are never called: the flags become a list of ``bool``). Everything
+else (any other global, a ``dict``, a ``str``, a number) is refused and the loaded structure
+is checked: bytes, lists, tuples and booleans only.
 """
 from __future__ import annotations
 

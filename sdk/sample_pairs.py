@@ -38,10 +38,13 @@ def _hopper_bgr() -> np.ndarray:
 
 
 def _lfw_scene(crop: np.ndarray) -> np.ndarray:
+    """A 25x25 LFW crop enlarged 5x inside a replicated border of 1.5 crop sizes: MTCNN finds
+    all 100 faces of the subset in these (in 4x with a border of 2 sizes it misses 2)."""
     import cv2
     h, w = crop.shape[:2]
-    big = cv2.resize(crop, (4 * w, 4 * h), interpolation=cv2.INTER_CUBIC)
-    return cv2.copyMakeBorder(big, 2 * h, 2 * h, 2 * w, 2 * w, cv2.BORDER_REPLICATE)
+    big = cv2.resize(crop, (5 * w, 5 * h), interpolation=cv2.INTER_LINEAR)
+    ph, pw = int(1.5 * h), int(1.5 * w)
+    return cv2.copyMakeBorder(big, ph, ph, pw, pw, cv2.BORDER_REPLICATE)
 
 
 def variant(image: np.ndarray, kind: str) -> np.ndarray:
