@@ -148,6 +148,8 @@ ENGINES: tuple[Engine, ...] = (
             ("quantize_outputs", "op types whose outputs are quantized too: a list, true or "
                                  "false (default [\"Conv\"]: QLinearConv)"),
             ("preprocess", "symbolic shape inference before quantizing (default true)"),
+            ("op_types", "op types quantized (default [\"Conv\", \"MatMul\", \"Gemm\"]; a "
+                         "ResNet may add Add, AveragePool, MaxPool, Relu, Pad)"),
         ),
         status="tested here (cpu; cuda untested)",
         notes="the fp32 model.onnx needs no build"),

@@ -207,7 +207,8 @@ def quantize_int8(src: Path, dst: Path, calibration, options: dict) -> dict[str,
     (uint8 | int8), ``exclude`` (extra node names), ``keep_kprpe_float`` (True),
     ``quantize_attention`` (False: q.k and attn.v MatMuls stay float), ``quantize_outputs``
     (``["Conv"]``: the op types whose outputs are quantized too; true = all, false = none),
-    ``preprocess`` (True: symbolic shape inference first).
+    ``preprocess`` (True: symbolic shape inference first), ``op_types`` (Conv, MatMul, Gemm:
+    the op types quantized; a ResNet may add Add, AveragePool, MaxPool, Relu, Pad).
 
     Outputs: a Conv whose output stays float cannot become ORT's QLinearConv: it runs as
     DequantizeLinear + float Conv, slower than fp32 (dlib_resnet_v1, batch 8: 0.8x fp32 with
@@ -227,6 +228,12 @@ def quantize_int8(src: Path, dst: Path, calibration, options: dict) -> dict[str,
     method = options.get("method", "minmax")
     if method not in methods:
         raise InputError(f"unknown calibration method {method!r}; choose {', '.join(methods)}")
+    quantized_outputs = output_types(options.get("quantize_outputs", DEFAULT_QUANTIZED_OUTPUTS))
+    op_types = list(options.get("op_types") or INT8_OP_TYPES)
+    if not all(isinstance(t, str) for t in op_types) or not set(INT8_OP_TYPES) <= set(op_types):
+        raise InputError(f"op_types {op_types!r}: a list of ONNX op types that includes "
+                         f"{', '.join(INT8_OP_TYPES)} (e.g. adding Add, AveragePool, MaxPool, "
+                         "Relu, Pad for a ResNet)")
     model = onnx.load(str(src))
     input_names = [i.name for i in model.graph.input]
     op_type = {n.name: n.op_type for n in model.graph.node}
@@ -251,7 +258,6 @@ def quantize_int8(src: Path, dst: Path, calibration, options: dict) -> dict[str,
         def rewind(self):
             self._it = iter(calibration.feeds(input_names, batch=8))
 
-    quantized_outputs = output_types(options.get("quantize_outputs", DEFAULT_QUANTIZED_OUTPUTS))
     act = QuantType.QUInt8 if options.get("activation", "uint8") == "uint8" else QuantType.QInt8
     # On x86 without VNNI, uint8 x int8 products saturate in 16 bits: use uint8 weights there
     # (kpface.runtimes.engines.int8_saturates). options["weights"] overrides.
@@ -272,7 +278,7 @@ def quantize_int8(src: Path, dst: Path, calibration, options: dict) -> dict[str,
                             str(e).splitlines()[0][:160] if str(e) else "")
         quantize_static(
             str(source), str(dst), FaceReader(),
-            quant_format=QuantFormat.QDQ, op_types_to_quantize=INT8_OP_TYPES,
+            quant_format=QuantFormat.QDQ, op_types_to_quantize=op_types,
             per_channel=bool(options.get("per_channel", True)), reduce_range=False,
             activation_type=act, weight_type=wtype, nodes_to_exclude=exclude,
             calibrate_method=methods[method],
@@ -288,7 +294,7 @@ def quantize_int8(src: Path, dst: Path, calibration, options: dict) -> dict[str,
             "weights": (f"{weights} " + ("symmetric " if weights == "int8" else "asymmetric ")
                         + ("per-channel" if options.get("per_channel", True) else "per-tensor")),
             "saturation_free": weights == "uint8" or not int8_saturates(),
-            "calibration_method": method, "op_types": INT8_OP_TYPES,
+            "calibration_method": method, "op_types": op_types,
             "attention_products": "int8" if options.get("quantize_attention") else "float",
             "quantized_outputs": quantized_outputs,
             "float_nodes_kprpe": len(kprpe_nodes),

@@ -99,7 +99,8 @@ class FaceFinder:
             return
         if detector_dir is None or not (Path(detector_dir) / MANIFEST_NAME).is_file():
             raise InputError(f"no detector model in {detector_dir}: pass --detector DIR, or "
-                             "--aligned if the images are already aligned face crops")
+                             "--aligned (kpface build: --eval-aligned) if the images are "
+                             "already aligned face crops")
         from .models import load_detector, load_keypoints
         from .weights import is_random
         root = Path(detector_dir)

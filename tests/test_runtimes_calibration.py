@@ -201,3 +201,10 @@ def test_ort_quantize_outputs_option():
     assert output_types(["Gemm", "Conv"]) == ["Conv", "Gemm"] and output_types("MatMul") == ["MatMul"]
     with pytest.raises(InputError, match="quantize_outputs"):
         output_types(["Relu"])
+
+
+def test_ort_op_types_option_is_checked_before_quantizing(tmp_path):
+    from kpface.runtimes.onnxruntime_rt import quantize_int8
+    with pytest.raises(InputError, match="op_types"):
+        quantize_int8(tmp_path / "none.onnx", tmp_path / "out.onnx", None,
+                      {"op_types": ["Add"]})
