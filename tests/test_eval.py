@@ -177,3 +177,31 @@ def test_build_eval_needs_a_recognizer(dlib_models, sample_set):
     with pytest.raises(InputError, match="recognizers"):
         build(dlib_models / "detector", "onnxruntime", "fp16", verify=lambda s: {},
               make_detector=lambda s: None)
+
+
+def test_bench_counts_every_conv_of_dlib_resnet(dlib_models):
+    """The bench's FLOP count of dlib_resnet_v1 (its shortcut pads are computed from constants
+    that shape inference cannot follow, so the graph is constant-folded first) equals the
+    multiply-adds of every Conv2d and Linear of the torch model, counted with forward hooks."""
+    import torch
+    from dlib_support import torch_model
+
+    from kpface.bench.flops import _flops_for
+    model, macs = torch_model(), []
+
+    def hook(mod, inp, out):
+        if isinstance(mod, torch.nn.Conv2d):
+            k = mod.kernel_size[0] * mod.kernel_size[1] * mod.in_channels
+            macs.append(out.numel() * k)
+        else:
+            macs.append(out.numel() * mod.in_features)
+    hooks = [m.register_forward_hook(hook) for m in model.modules()
+             if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    with torch.no_grad():
+        model(torch.zeros(1, 3, 150, 150))
+    for h in hooks:
+        h.remove()
+    manifest = json.loads((dlib_models / "recognizer" / "manifest.json").read_text())
+    counted = _flops_for(str(dlib_models / "recognizer"), manifest, (1, 8))
+    assert counted[1]["unresolved_nodes"] == 0
+    assert counted[1]["flops"] == 2 * sum(macs) and counted[8]["flops"] == 8 * 2 * sum(macs)
