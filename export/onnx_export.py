@@ -58,12 +58,23 @@ def resolve_options(spec: registry.ArchSpec, options: dict[str, str] | None) -> 
 
 
 def build_model(arch: str, weights: str | os.PathLike | None = None, strict: bool = True,
-                task: str | None = None, options: dict[str, str] | None = None):
-    """Return (spec, eval-mode module, source description for the manifest)."""
+                task: str | None = None, options: dict[str, str] | None = None, seed: int = 0):
+    """Return (spec, eval-mode module, source description for the manifest).
+
+    The module is built under ``torch.manual_seed(seed)`` (the global generator is restored
+    afterwards), so a random export, and the tensors a non-strict load leaves alone, are the
+    same for the same architecture and seed; a random export also gets the architecture's
+    ``random_init`` (the KP-RPE ViT's non-zero keypoint_linear).
+    """
     spec = registry.get(arch, task)
-    model = spec.factory(**resolve_options(spec, options)).eval()
     if weights is None and spec.packaged_weights is not None:
         weights = spec.packaged_weights()
+    init: dict[str, Any] = {"modules": f"the modules' own init under torch.manual_seed({seed})"}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = spec.factory(**resolve_options(spec, options)).eval()
+        if weights is None and spec.random_init is not None:
+            init.update(spec.random_init(model, torch.default_generator))  # the seeded stream
     if isinstance(weights, dict):
         # Packaged weights split over several files: {submodule name: path}.
         source = {"parts": {name: load_weights(model.get_submodule(name), path,
@@ -77,7 +88,7 @@ def build_model(arch: str, weights: str | os.PathLike | None = None, strict: boo
     else:
         log.warning("!!! %s has RANDOM WEIGHTS: no --weights given. Its outputs are "
                     "meaningless for real faces; pass --weights PATH for a real model. !!!", arch)
-        source = {"random_weights": True}
+        source = {"random_weights": True, "seed": seed, "init": init}
     return spec, model, source
 
 
@@ -172,12 +183,14 @@ def constants_to_initializers(path: Path, module: torch.nn.Module, min_size: int
 def export_model(arch: str, out_dir: str | os.PathLike, weights: str | os.PathLike | None = None,
                  opset: int = DEFAULT_OPSET, strict: bool = True, task: str | None = None,
                  check: bool = True, progress: Callable[[str], None] | None = None,
-                 save_weights: bool = False, options: dict[str, str] | None = None
-                 ) -> dict[str, Any]:
+                 save_weights: bool = False, options: dict[str, str] | None = None,
+                 seed: int = 0) -> dict[str, Any]:
     """Export ``arch`` into ``out_dir`` (model.onnx + manifest.json); return the manifest.
 
     ``options``: the architecture's export options (``ArchSpec.options``, e.g. Part fViT's
     ``sampling``); the values used, defaults included, are recorded as ``export_options``.
+
+    ``seed``: the seed of random weights (recorded; same arch and seed, same weights).
 
     ``save_weights`` also stores the torch weights as ``weights.safetensors`` (listed in the
     manifest as ``torch_weights``), for engines that convert from torch (Core ML) when the
@@ -190,7 +203,8 @@ def export_model(arch: str, out_dir: str | os.PathLike, weights: str | os.PathLi
         raise KpfaceError(f"opset {opset} is too old: LayerNormalization needs opset >= 17")
     spec = registry.get(arch, task)
     options = resolve_options(spec, options)
-    spec, model, source = build_model(arch, weights, strict=strict, task=task, options=options)
+    spec, model, source = build_model(arch, weights, strict=strict, task=task,
+                                      options=options, seed=seed)
     out_dir = Path(out_dir)
     graphs_meta: dict[str, Any] = {}
     parity: dict[str, Any] = {}

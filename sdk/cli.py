@@ -53,7 +53,7 @@ def cmd_export(args) -> int:
         options[name] = value
     manifest = export_model(arch, out, weights=args.weights, opset=args.opset,
                             strict=not args.no_strict, task=args.task, progress=say,
-                            save_weights=args.save_weights, options=options)
+                            save_weights=args.save_weights, options=options, seed=args.seed)
     print(f"exported {arch} to {out}/ in {manifest['export_seconds']:.1f} s")
     for name, g in manifest["graphs"].items():
         line = f"  {g['file']}: {g['bytes'] / 1e6:.1f} MB"
@@ -280,6 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "Part fViT .pth, dlib .dat (dlib_resnet_v1) or kpface .safetensors (default: "
                    "packaged weights, else RANDOM)")
     e.add_argument("--out", help="output model directory (default: ./ARCH)")
+    e.add_argument("--seed", type=int, default=0, help="seed of random weights (default 0; "
+                   "same arch and seed, same weights; recorded in the manifest)")
     e.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 17; default 17)")
     e.add_argument("--no-strict", action="store_true",
                    help="load a checkpoint even if keys are missing or unexpected")

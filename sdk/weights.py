@@ -30,7 +30,7 @@ SOURCES = ("checkpoint", "hub", "package", "random")
 
 def _legacy(source: dict[str, Any]) -> dict[str, Any]:
     if source.get("random_weights", False):
-        return {"source": "random"}
+        return {"source": "random", **{k: source[k] for k in ("seed", "init") if k in source}}
     if isinstance(source.get("parts"), dict):
         return {"source": "checkpoint",
                 "parts": {name: _legacy({**part, "random_weights": False})
