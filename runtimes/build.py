@@ -60,7 +60,8 @@ def build(model_dir: str | os.PathLike, runtime: str, precision: str,
     landmarks of the sample faces). ``make_detector``: for detectors (required), a factory
     that makes the detector running on given sessions ({graph name: Session}; {} = the fp32
     ONNX graphs), so the gate can compare detections. ``options``: engine build options, only
-    the keys of the engine table's ``options`` column (others are refused before any work).
+    the keys of the engine table's ``options`` column (others are refused before any work),
+    over the defaults the manifest recommends for this engine (``build_options``).
     ``verify``: for recognizers, a :data:`~kpface.runtimes.gates.Verifier` (face pairs:
     :func:`kpface.evaluation.make_verifier`, as ``kpface build --eval`` passes); the build then
     also may lose at most ``max_drop`` points of verification accuracy against fp32.
@@ -71,7 +72,9 @@ def build(model_dir: str | os.PathLike, runtime: str, precision: str,
     manifest = load_manifest(model_dir)
     engine = get_engine(runtime)
     engine.check_precision(precision)
-    options = engine.check_options(options)
+    # A model may recommend build options per engine (manifest "build_options"); --option wins.
+    defaults = (manifest.get("build_options") or {}).get(runtime) or {}
+    options = engine.check_options({**defaults, **(options or {})})
     if detector is not None and not callable(detector):
         raise InputError(f"build() takes a detect(image) callable as detector, not "
                          f"{detector!r}; open a detector directory with "

@@ -77,6 +77,8 @@ def test_builds_side_by_side_and_the_eval_gate(dlib_models, sample_set, tmp_path
     rec = dlib_models / "recognizer"
     verify = make_verifier(rec, bin_path)
     info = build(rec, "onnxruntime", "int8", n_calib=16, n_heldout=8, verify=verify)
+    # The manifest's build_options: the residual Adds and pools are quantized too.
+    assert "Add" in info["graphs"]["model"]["op_types"]
     ver = info["accuracy"]["verification"]
     assert ver["passed"] and abs(ver["drop_points"]) <= 0.5 and ver["max_drop_points"] == 0.5
     assert ver["fp32"]["pairs"] == 48 and "set.bin" in ver["pairs"]
