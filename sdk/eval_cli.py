@@ -17,8 +17,8 @@ def _say(msg: str = "") -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _pairs_help(what: str) -> str:
-    return (f"{what}: an LFW-style pairs.txt (with --images) or an InsightFace validation "
+def _pairs_help(what: str, images: str = "--images") -> str:
+    return (f"{what}: an LFW-style pairs.txt (with {images}) or an InsightFace validation "
             ".bin (read with a restricted unpickler)")
 
 
@@ -59,7 +59,7 @@ def cmd_eval(args) -> int:
 def add_build_options(parser) -> None:
     """``--eval PAIRS``, ``--eval-images``, ``--eval-aligned``, ``--eval-max-drop``."""
     parser.add_argument("--eval", metavar="PAIRS", help=_pairs_help(
-        "also gate the build on verification accuracy") + "; the build is refused when it "
+        "also gate the build on verification accuracy", "--eval-images") + "; the build is refused when it "
         "loses more than --eval-max-drop points against fp32 (recorded in build.json)")
     parser.add_argument("--eval-images", metavar="DIR", help="the images of an --eval pairs.txt")
     parser.add_argument("--eval-aligned", action="store_true",
