@@ -48,7 +48,9 @@ def build(model_dir: str | os.PathLike, runtime: str, precision: str,
           device: str | None = None, progress: Callable[[str], None] | None = None, *,
           detector: Detect | None = None, make_detector: gates.DetectorFactory | None = None,
           threads: int | None = None, seed: int = 0, n_calib: int = DEFAULT_CALIB,
-          n_heldout: int = DEFAULT_HELDOUT, options: dict | None = None) -> dict[str, Any]:
+          n_heldout: int = DEFAULT_HELDOUT, options: dict | None = None,
+          verify: gates.Verifier | None = None, max_drop: float = gates.EVAL_MAX_DROP
+          ) -> dict[str, Any]:
     """Build ``model_dir`` for ``runtime`` at ``precision``; return the build's ``build.json``
     (plus ``"dir"``, where it was installed).
 
@@ -58,7 +60,11 @@ def build(model_dir: str | os.PathLike, runtime: str, precision: str,
     landmarks of the sample faces). ``make_detector``: for detectors (required), a factory
     that makes the detector running on given sessions ({graph name: Session}; {} = the fp32
     ONNX graphs), so the gate can compare detections. ``options``: engine build options, only
-    the keys of the engine table's ``options`` column (others are refused before any work).
+    the keys of the engine table's ``options`` column (others are refused before any work),
+    over the defaults the manifest recommends for this engine (``build_options``).
+    ``verify``: for recognizers, a :data:`~kpface.runtimes.gates.Verifier` (face pairs:
+    :func:`kpface.evaluation.make_verifier`, as ``kpface build --eval`` passes); the build then
+    also may lose at most ``max_drop`` points of verification accuracy against fp32.
     """
     say = progress or (lambda m: log.info("%s", m))
     t_start = time.perf_counter()
@@ -66,7 +72,9 @@ def build(model_dir: str | os.PathLike, runtime: str, precision: str,
     manifest = load_manifest(model_dir)
     engine = get_engine(runtime)
     engine.check_precision(precision)
-    options = engine.check_options(options)
+    # A model may recommend build options per engine (manifest "build_options"); --option wins.
+    defaults = (manifest.get("build_options") or {}).get(runtime) or {}
+    options = engine.check_options({**defaults, **(options or {})})
     if detector is not None and not callable(detector):
         raise InputError(f"build() takes a detect(image) callable as detector, not "
                          f"{detector!r}; open a detector directory with "
@@ -80,6 +88,8 @@ def build(model_dir: str | os.PathLike, runtime: str, precision: str,
     if task != "recognizer" and runtime in ("tensorrt", "coreml"):
         raise InputError(f"{runtime} builds are made for recognizers only so far; run the "
                          f"{task} on onnxruntime or openvino")
+    if verify is not None and task != "recognizer":
+        raise InputError(f"{model_dir} is a {task}: verification accuracy gates recognizers")
     if task == "detector" and make_detector is None:
         raise InputError(f"{model_dir} is a detector: its gate compares detections, so build() "
                          "needs make_detector (kpface.cli.detector_factory; `kpface build` "
@@ -100,6 +110,7 @@ def build(model_dir: str | os.PathLike, runtime: str, precision: str,
     artifacts: dict[str, dict[str, Any]] = {}
     accuracy: dict[str, Any] = {}
     candidates: dict[str, Session] = {}
+    verification = None
     with staging_dir(dest) as tmp:
         for gname, g in graphs.items():
             onnx_path = model_dir / g["file"]
@@ -116,6 +127,9 @@ def build(model_dir: str | os.PathLike, runtime: str, precision: str,
                 acc = gates.embedding_agreement(ref, cand, data.heldout)
                 acc["inputs"] = (f"{len(data.heldout)} held-out aligned face crops "
                                  f"({', '.join(data.description['sources'])})")
+                if verify is not None:
+                    say("measuring verification accuracy against fp32 on the --eval pairs")
+                    verification = gates.verification_agreement(verify, ref, cand, max_drop)
             else:
                 acc = gates.output_agreement(ref, cand, image_feeds(manifest, g, seed=seed))
                 acc["inputs"] = "real images resized to the graph input"
@@ -131,7 +145,7 @@ def build(model_dir: str | os.PathLike, runtime: str, precision: str,
             say("comparing detections (boxes, landmarks) with the fp32 detector on real photos")
             detections = gates.detection_agreement(make_detector, candidates)
             candidates.clear()
-        summary = gates.decide(task, precision, accuracy, detections)
+        summary = gates.decide(task, precision, accuracy, detections, verification)
         passed = summary["passed"]
         if not passed:
             figures = gates.figures(summary)

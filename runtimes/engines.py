@@ -145,8 +145,11 @@ ENGINES: tuple[Engine, ...] = (
             ("exclude", "extra node names kept in float (a list)"),
             ("keep_kprpe_float", "keep the KP-RPE keypoint path in float (default true)"),
             ("quantize_attention", "quantize the q.k and attn.v MatMuls too (default false)"),
-            ("quantize_outputs", "quantize Conv/MatMul/Gemm outputs too (default false)"),
+            ("quantize_outputs", "op types whose outputs are quantized too: a list, true or "
+                                 "false (default [\"Conv\"]: QLinearConv)"),
             ("preprocess", "symbolic shape inference before quantizing (default true)"),
+            ("op_types", "op types quantized (default [\"Conv\", \"MatMul\", \"Gemm\"]; a "
+                         "ResNet may add Add, AveragePool, MaxPool, Relu, Pad)"),
         ),
         status="tested here (cpu; cuda untested)",
         notes="the fp32 model.onnx needs no build"),

@@ -5,11 +5,15 @@
 * detectors and keypoint models (fp32 / fp16 only so far): cosine of every raw output on real
   images resized to each graph's input, gated on the worst output (:data:`OUTPUT_GATES`);
 * detectors also: the same faces found by the fp32 and the candidate detector on real photos,
-  boxes matched by IoU, landmark error relative to the face size (:data:`DETECTION_GATES`).
+  boxes matched by IoU, landmark error relative to the face size (:data:`DETECTION_GATES`);
+* recognizers, when asked (``kpface build --eval PAIRS``): verification accuracy on face pairs,
+  the candidate's against the fp32 model's; the drop may be at most ``max_drop`` points
+  (:data:`EVAL_MAX_DROP`), see :func:`verification_agreement`.
 
-This module knows no detector class: the caller passes a factory that makes a detector running
-on given sessions (:func:`detection_agreement`), so :mod:`kpface.runtimes` never imports the
-SDK's models.
+This module knows no detector class and no pair set: the caller passes a factory that makes a
+detector running on given sessions (:func:`detection_agreement`) and a ``verify`` callable
+(:data:`Verifier`, :func:`kpface.evaluation.make_verifier`), so :mod:`kpface.runtimes` never
+imports the SDK's models.
 """
 from __future__ import annotations
 
@@ -37,6 +41,10 @@ DETECTION_GATES = {"iou_min": 0.9, "landmark_nme_max": 0.05}
 # make_detector(sessions) -> an object with .detect(image_bgr) -> [objects with .box,
 # .landmarks]; ``sessions`` (graph name -> Session) replace the fp32 ONNX graphs, {} keeps them.
 DetectorFactory = Callable[[Mapping[str, Session]], Any]
+# verify({"fp32": Session, "build": Session}) -> {"fp32": {"accuracy": 0..1, ...}, "build": {...},
+# "pairs": description, ...}: verification figures of each session on the same face pairs.
+Verifier = Callable[[Mapping[str, Session]], dict]
+EVAL_MAX_DROP = 0.5  # accuracy points (of 100) a build may lose against fp32
 
 
 def gate_for(task: str | None, precision: str) -> dict[str, float]:
@@ -114,12 +122,26 @@ def detection_agreement(make_detector: DetectorFactory,
             "gate": DETECTION_GATES}
 
 
+def verification_agreement(verify: Verifier, ref: Session, cand: Session,
+                           max_drop: float = EVAL_MAX_DROP) -> dict[str, Any]:
+    """Verification accuracy of ``cand`` and of the fp32 ``ref`` on the same pairs, and
+    whether ``cand`` lost at most ``max_drop`` points."""
+    got = verify({"fp32": ref, "build": cand})
+    fp32, build = got["fp32"]["accuracy"], got["build"]["accuracy"]
+    drop = 100.0 * (fp32 - build)
+    return {**{k: v for k, v in got.items() if k not in ("fp32", "build")},
+            "fp32": got["fp32"], "build": got["build"], "drop_points": drop,
+            "max_drop_points": float(max_drop), "passed": bool(drop <= max_drop + 1e-9)}
+
+
 def decide(task: str | None, precision: str, accuracy: dict[str, dict[str, Any]],
-           detections: dict[str, Any] | None = None) -> dict[str, Any]:
+           detections: dict[str, Any] | None = None,
+           verification: dict[str, Any] | None = None) -> dict[str, Any]:
     """The build's accuracy summary (``build.json``'s ``accuracy``), with ``passed``.
 
     ``accuracy``: per graph, what :func:`embedding_agreement` / :func:`output_agreement`
-    returned; ``detections``: what :func:`detection_agreement` returned, for detectors.
+    returned; ``detections``: what :func:`detection_agreement` returned, for detectors;
+    ``verification``: what :func:`verification_agreement` returned (``kpface build --eval``).
     """
     gate = gate_for(task, precision)
     worst = min(accuracy.values(), key=lambda a: a["min"])
@@ -139,6 +161,9 @@ def decide(task: str | None, precision: str, accuracy: dict[str, dict[str, Any]]
         summary["graphs"] = accuracy
     if detections is not None:
         summary["detections"] = detections
+    if verification is not None:
+        summary["verification"] = verification
+        summary["passed"] = passed and verification["passed"]
     return summary
 
 
@@ -154,4 +179,9 @@ def figures(summary: dict[str, Any]) -> str:
                  f"{det['iou_min']:.3f} (gate >= {DETECTION_GATES['iou_min']}), landmark error "
                  f"max {det['landmark_nme_max']:.3f} of the face size (gate <= "
                  f"{DETECTION_GATES['landmark_nme_max']})")
+    ver = summary.get("verification")
+    if ver is not None:
+        text += (f"; verification accuracy {100 * ver['build']['accuracy']:.2f}% vs fp32 "
+                 f"{100 * ver['fp32']['accuracy']:.2f}%: drop {ver['drop_points']:.2f} points "
+                 f"(gate <= {ver['max_drop_points']:g})")
     return text

@@ -5,7 +5,8 @@
   LayerNormalization, Softmax and BatchNormalization (and ORT's default block list) stay fp32.
 * int8: ``onnxruntime.quantization.quantize_static`` in QDQ format, uint8 activations and
   per-channel symmetric int8 weights, calibrated on face crops. Only Conv / MatMul / Gemm with a
-  constant weight are quantized, so LayerNorm, Softmax, the residual Adds and the attention
+  constant weight are quantized (Conv with its output, so ORT fuses QLinearConv; MatMul / Gemm
+  without, so it fuses MatMulIntegerToFloat), so LayerNorm, Softmax, the residual Adds and the attention
   products (q.k, attn.v) stay float; the KP-RPE path (every node that depends on the keypoints
   but not on the image: relative keypoints, keypoint linear, table gather) stays float too.
 
@@ -36,6 +37,20 @@ INSTALL_GPU = "pip install onnxruntime-gpu"
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 FP16_KEEP_FP32 = ["LayerNormalization", "Softmax", "BatchNormalization"]
 INT8_OP_TYPES = ["Conv", "MatMul", "Gemm"]
+DEFAULT_QUANTIZED_OUTPUTS = ["Conv"]
+
+
+def output_types(value: Any) -> list[str]:
+    """The ``quantize_outputs`` option as a list of op types (true: all, false: none)."""
+    if value is True:
+        return list(INT8_OP_TYPES)
+    if value is False or value is None:
+        return []
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or any(t not in INT8_OP_TYPES for t in items):
+        raise InputError(f"quantize_outputs {value!r}: give true, false or a list of "
+                         f"{', '.join(INT8_OP_TYPES)}")
+    return [t for t in INT8_OP_TYPES if t in items]
 
 
 def _device(device: str | None) -> str:
@@ -191,8 +206,14 @@ def quantize_int8(src: Path, dst: Path, calibration, options: dict) -> dict[str,
     ``method`` (minmax | entropy | percentile), ``per_channel`` (True), ``activation``
     (uint8 | int8), ``exclude`` (extra node names), ``keep_kprpe_float`` (True),
     ``quantize_attention`` (False: q.k and attn.v MatMuls stay float), ``quantize_outputs``
-    (False: MatMul outputs stay float, so ORT fuses DQ-MatMul into MatMulIntegerToFloat),
-    ``preprocess`` (True: symbolic shape inference first).
+    (``["Conv"]``: the op types whose outputs are quantized too; true = all, false = none),
+    ``preprocess`` (True: symbolic shape inference first), ``op_types`` (Conv, MatMul, Gemm:
+    the op types quantized; a ResNet may add Add, AveragePool, MaxPool, Relu, Pad).
+
+    Outputs: a Conv whose output stays float cannot become ORT's QLinearConv: it runs as
+    DequantizeLinear + float Conv, slower than fp32 (dlib_resnet_v1, batch 8: 0.8x fp32 with
+    float Conv outputs, 2.5x with quantized ones). A MatMul with a float output fuses into
+    MatMulIntegerToFloat, which is why MatMul / Gemm outputs stay float by default.
 
     Measured on vit_kprpe_small (64 calibration / 32 held-out crops; batch 8, 2 threads): ORT's
     defaults (attention products and MatMul outputs quantized too) gave cosine mean 0.99902 /
@@ -207,6 +228,12 @@ def quantize_int8(src: Path, dst: Path, calibration, options: dict) -> dict[str,
     method = options.get("method", "minmax")
     if method not in methods:
         raise InputError(f"unknown calibration method {method!r}; choose {', '.join(methods)}")
+    quantized_outputs = output_types(options.get("quantize_outputs", DEFAULT_QUANTIZED_OUTPUTS))
+    op_types = list(options.get("op_types") or INT8_OP_TYPES)
+    if not all(isinstance(t, str) for t in op_types) or not set(INT8_OP_TYPES) <= set(op_types):
+        raise InputError(f"op_types {op_types!r}: a list of ONNX op types that includes "
+                         f"{', '.join(INT8_OP_TYPES)} (e.g. adding Add, AveragePool, MaxPool, "
+                         "Relu, Pad for a ResNet)")
     model = onnx.load(str(src))
     input_names = [i.name for i in model.graph.input]
     op_type = {n.name: n.op_type for n in model.graph.node}
@@ -251,14 +278,14 @@ def quantize_int8(src: Path, dst: Path, calibration, options: dict) -> dict[str,
                             str(e).splitlines()[0][:160] if str(e) else "")
         quantize_static(
             str(source), str(dst), FaceReader(),
-            quant_format=QuantFormat.QDQ, op_types_to_quantize=INT8_OP_TYPES,
+            quant_format=QuantFormat.QDQ, op_types_to_quantize=op_types,
             per_channel=bool(options.get("per_channel", True)), reduce_range=False,
             activation_type=act, weight_type=wtype, nodes_to_exclude=exclude,
             calibrate_method=methods[method],
             extra_options={"ActivationSymmetric": act == QuantType.QInt8,
                            "WeightSymmetric": wtype == QuantType.QInt8,
                            "OpTypesToExcludeOutputQuantization":
-                               [] if options.get("quantize_outputs", False) else INT8_OP_TYPES})
+                               [t for t in INT8_OP_TYPES if t not in quantized_outputs]})
     q = onnx.load(str(dst))
     n_q = sum(1 for n in q.graph.node if n.op_type == "QuantizeLinear")
     n_dq = sum(1 for n in q.graph.node if n.op_type == "DequantizeLinear")
@@ -267,8 +294,9 @@ def quantize_int8(src: Path, dst: Path, calibration, options: dict) -> dict[str,
             "weights": (f"{weights} " + ("symmetric " if weights == "int8" else "asymmetric ")
                         + ("per-channel" if options.get("per_channel", True) else "per-tensor")),
             "saturation_free": weights == "uint8" or not int8_saturates(),
-            "calibration_method": method, "op_types": INT8_OP_TYPES,
+            "calibration_method": method, "op_types": op_types,
             "attention_products": "int8" if options.get("quantize_attention") else "float",
+            "quantized_outputs": quantized_outputs,
             "float_nodes_kprpe": len(kprpe_nodes),
             "float_matmuls": sorted(n for n in set(exclude) if op_type.get(n) in INT8_OP_TYPES),
             "quantize_linear_nodes": n_q, "dequantize_linear_nodes": n_dq}

@@ -1,4 +1,5 @@
-"""The ``kpface`` command line: export, build, run, compare, bench, demo, engines, info.
+"""The ``kpface`` command line: export, build, run, compare, bench, demo, engines, info (and
+eval, serve, export-triton from their own modules).
 
 Only this module prints. Every :class:`KpfaceError` becomes one line on stderr and a non-zero
 exit; ``--debug`` shows the traceback instead.
@@ -14,6 +15,8 @@ from pathlib import Path
 
 from . import __version__
 from .cluster_cli import add_parsers as add_cluster_parsers
+from .eval_cli import add_build_options as add_eval_build_options
+from .eval_cli import add_parsers as add_eval_parsers
 from .errors import InputError, KpfaceError, RandomWeightsError
 
 log = logging.getLogger("kpface")
@@ -140,6 +143,8 @@ def cmd_build(args) -> int:
     options = engine.check_options(parse_options(args.option))
     engine.require(args.device, purpose="build")  # a missing engine fails before any work
     task = load_manifest(args.model_dir).get("task")
+    from .eval_cli import build_verifier
+    verify = build_verifier(args, task)  # bad pairs input fails before any build work
     detect = make_detector = None
     if task == "recognizer":
         detect = calibration_detector(args.detector, args.model_dir)
@@ -147,7 +152,8 @@ def cmd_build(args) -> int:
         make_detector = detector_factory(args.model_dir)
     info = build(args.model_dir, args.runtime, args.precision, calib_images=args.calib,
                  force=args.force, device=args.device, detector=detect,
-                 make_detector=make_detector, options=options, progress=say)
+                 make_detector=make_detector, options=options, progress=say,
+                 verify=verify, max_drop=args.eval_max_drop)
     print(json.dumps(info.get("accuracy", {}), indent=2))
     print(f"built {info.get('dir', '')}")
     return 0
@@ -158,7 +164,8 @@ def cmd_build(args) -> int:
 def _pipeline(args):
     from .pipeline import FacePipeline
     return FacePipeline.from_dir(args.models, runtime=args.runtime, precision=args.precision,
-                                 threads=args.threads, use_keypoints=not args.no_keypoints)
+                                 threads=args.threads, use_keypoints=not args.no_keypoints,
+                                 recognizer=args.recognizer)
 
 
 def _stage_info(pipe) -> dict:
@@ -220,19 +227,27 @@ def cmd_compare(args) -> int:
             say(f"{path}: {len(found)} faces, comparing the highest-scoring one")
         faces.append(max(found, key=lambda f: f.score))
     c = pipe.compare(*faces)
+    verdict = f"{'same person' if c.same else 'different people'} (threshold {c.threshold}"
     problem = pipe.verdict_problem
     if problem is None:
-        print(f"cosine {c.cosine:.4f} -> {'same person' if c.same else 'different people'} "
-              f"(threshold {c.threshold})")
-        return 0
-    if not args.allow_random:
+        print(f"cosine {c.cosine:.4f} -> {verdict})")
+    elif not args.allow_random:
         print(f"cosine {c.cosine:.4f} (no same/different verdict)")
+        print(answered_by(pipe.recognizer, args.runtime, args.precision))
         raise RandomWeightsError(f"no verdict: {problem}; --allow-random shows one anyway")
-    print(f"cosine {c.cosine:.4f} -> {'same person' if c.same else 'different people'} "
-          f"(threshold {c.threshold}; MEANINGLESS: {pipe.recognizer.arch} has "
-          f"{'RANDOM' if pipe.recognizer.random_weights else 'PARTIAL'} weights)")
-    say(f"warning: {problem}")
+    else:
+        print(f"cosine {c.cosine:.4f} -> {verdict}; MEANINGLESS: {pipe.recognizer.arch} has "
+              f"{'RANDOM' if pipe.recognizer.random_weights else 'PARTIAL'} weights)")
+        say(f"warning: {problem}")
+    print(answered_by(pipe.recognizer, args.runtime, args.precision))
     return 0
+
+
+def answered_by(recognizer, runtime: str, precision: str) -> str:
+    """``recognizer: ARCH (DIR) on RUNTIME PRECISION; weights: ...`` (kpface.weights)."""
+    from .weights import describe
+    return (f"recognizer: {recognizer.arch} ({recognizer.model_dir}) on {runtime} {precision}; "
+            f"weights: {describe(recognizer.manifest)}")
 
 
 # -- bench / demo / engines / info ------------------------------------------------------------
@@ -331,6 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an engine build option (repeatable; VALUE is JSON when it parses, "
                    "e.g. --option method=entropy --option 'profile=[1,8,16]'); the keys each "
                    "engine accepts are listed below, others are refused")
+    add_eval_build_options(b)  # --eval PAIRS: gate on verification accuracy
     b.set_defaults(func=cmd_build)
 
     def stage_opts(sp):
@@ -342,6 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--threads", type=int, help="engine threads (default: all cores)")
         sp.add_argument("--no-keypoints", action="store_true",
                         help="use the detector's landmarks even if a keypoint model exists")
+        sp.add_argument("--recognizer", metavar="NAME|DIR",
+                        help="another recognizer than MODELS/recognizer: a folder of the models "
+                        "directory (e.g. vit_kprpe_small) or a model directory")
 
     r = sub.add_parser("run", help="detect, align and embed the faces of images")
     r.add_argument("images", nargs="+", metavar="IMAGE")
@@ -388,6 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(func=cmd_info)
     add_cluster_parsers(sub)  # serve, export-triton
     __import__("kpface.gallery_cli").gallery_cli.add_parsers(sub)  # kpface gallery ...
+    add_eval_parsers(sub)  # eval
     return p
 
 

@@ -6,7 +6,10 @@
 
 A models directory holds one model directory per stage, each written by ``kpface export``:
 ``detector/``, ``keypoints/`` (optional: without it the detector's landmarks are used) and
-``recognizer/``. Each stage is a class of :mod:`kpface.models` that owns its pre- and
+``recognizer/``, the recognizer that answers. Other recognizers may sit beside them, each in a
+folder of its own (``kpface demo`` puts the one that does not answer in ``<arch>/``, e.g.
+``vit_kprpe_small/`` when ``recognizer/`` is ``dlib_resnet_v1``); ``from_dir(recognizer=NAME)``
+picks one of them instead. Each stage is a class of :mod:`kpface.models` that owns its pre- and
 post-processing; the pipeline only passes faces along: one detector call, one keypoint call
 for all faces of the image, each face cropped the way the recognizer's manifest asks, one
 recognizer call for all crops. It holds no per-call state, so one instance may serve many
@@ -31,12 +34,31 @@ from .weights import is_random, stage_warning, weights_of
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Face", "Comparison", "FacePipeline", "compare", "l2_normalize", "default_models_dir"]
+__all__ = ["Face", "Comparison", "FacePipeline", "compare", "l2_normalize", "default_models_dir",
+           "recognizer_dir"]
 
 
 def default_models_dir() -> Path:
     home = os.environ.get("KPFACE_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "kpface")
     return Path(home) / "models"
+
+
+def recognizer_dir(models_dir: str | os.PathLike, recognizer: str | os.PathLike | None = None
+                   ) -> Path:
+    """The recognizer model directory a pipeline on ``models_dir`` uses: ``models_dir/recognizer``
+    (None), ``models_dir/NAME`` for a folder name there, else ``recognizer`` as a path."""
+    root = Path(models_dir)
+    if recognizer is None:
+        return root / "recognizer"
+    name = Path(recognizer)
+    if len(name.parts) == 1 and (root / name).is_dir():
+        return root / name
+    if name.is_dir():
+        return name
+    inside = sorted(p.name for p in root.iterdir() if (p / "manifest.json").is_file()) \
+        if root.is_dir() else []
+    raise ModelError(f"recognizer {str(recognizer)!r} is neither a folder of {root} "
+                     f"({', '.join(inside) or 'none'}) nor a model directory")
 
 
 @dataclass
@@ -137,9 +159,13 @@ class FacePipeline:
     def from_dir(cls, models_dir: str | os.PathLike | None = None, runtime: str = "onnxruntime",
                  precision: str = "fp32", threads: int | None = None,
                  use_keypoints: bool = True, detector_precision: str = "fp32",
-                 convention: str | None = None, allow_random_keypoints: bool = False
-                 ) -> "FacePipeline":
+                 convention: str | None = None, allow_random_keypoints: bool = False,
+                 recognizer: str | os.PathLike | None = None) -> "FacePipeline":
         """Open ``models_dir/{detector,keypoints,recognizer}``.
+
+        ``recognizer``: another recognizer than ``models_dir/recognizer``: a folder name inside
+        ``models_dir`` (``"vit_kprpe_small"``) or a model directory anywhere
+        (:func:`recognizer_dir`).
 
         ``precision`` applies to the recognizer; the detection stages run at
         ``detector_precision`` on the same runtime. A keypoint model exported with random
@@ -152,10 +178,11 @@ class FacePipeline:
         if not root.is_dir():
             hint = " (run `kpface demo` to create the default models)" if models_dir is None else ""
             raise ModelError(f"models directory {root} does not exist{hint}")
-        for stage in ("detector", "recognizer"):
-            if not (root / stage).is_dir():
-                raise ModelError(f"{root} has no {stage}/ model; export one with "
-                                 f"`kpface export {stage} --out {root / stage}`")
+        rec_dir = recognizer_dir(root, recognizer)
+        for stage, d in (("detector", root / "detector"), ("recognizer", rec_dir)):
+            if not d.is_dir():
+                raise ModelError(f"{root} has no {d.name}/ model; export one with "
+                                 f"`kpface export {stage} --out {d}`")
         detector = load_detector(root / "detector", runtime=runtime,
                                  precision=detector_precision, threads=threads)
         keypoints = None
@@ -169,7 +196,7 @@ class FacePipeline:
                 keypoints = load_keypoints(root / "keypoints", runtime=runtime,
                                            precision=detector_precision, threads=threads,
                                            manifest=kp_manifest)
-        recognizer = load_recognizer(root / "recognizer", runtime=runtime, precision=precision,
+        recognizer = load_recognizer(rec_dir, runtime=runtime, precision=precision,
                                      threads=threads)
         log.info("pipeline: detector %s, keypoints %s, recognizer %s on %s/%s (%s)",
                  getattr(detector, "arch", "?"), getattr(keypoints, "arch", "detector's own"),

@@ -4,7 +4,11 @@ precision x batch, in run order, plus what was skipped and why.
 The models are rows of a table (:data:`DETECTOR`, :data:`KEYPOINTS`, :data:`RECOGNIZERS`): a
 folder of the models directory, the stage its rows belong to, how a bench process calls it
 (:data:`kpface.bench.calls.KINDS`) and which inputs feed it (:mod:`kpface.bench.inputs`).
-Another recognizer is one more :class:`ModelSpec` in :data:`RECOGNIZERS`.
+Another recognizer is one more :class:`ModelSpec` in :data:`RECOGNIZERS`; every other folder of
+the models directory that holds a recognizer (``kpface demo`` puts the KP-RPE ViT in
+``vit_kprpe_small/`` when ``recognizer/`` is dlib_resnet_v1) gets one too
+(:func:`other_recognizers`). The KP-RPE overhead pair is taken from the first recognizer that
+is a KP-RPE ViT.
 """
 from __future__ import annotations
 
@@ -42,6 +46,24 @@ KEYPOINTS = ModelSpec("keypoints", "keypoints", "keypoints", "keypoints", "scene
 RECOGNIZER = ModelSpec("recognizer", "recognizer", "embed", "session", "faces", batched=True)
 # The first is the pipeline's recognizer (reference of the ratios); others get plain rows.
 RECOGNIZERS: tuple[ModelSpec, ...] = (RECOGNIZER,)
+NOT_MODELS = ("baselines", "builds")  # folders of a models directory that hold no model
+
+
+def other_recognizers(models_dir: Path) -> tuple[ModelSpec, ...]:
+    """A ModelSpec per folder of ``models_dir`` (beside the table's) holding a recognizer."""
+    known = {spec.folder for spec in (DETECTOR, KEYPOINTS) + RECOGNIZERS}
+    out = []
+    for d in sorted(models_dir.iterdir()) if models_dir.is_dir() else []:
+        if d.name in known or d.name in NOT_MODELS or not d.is_dir():
+            continue
+        try:
+            man = manifest_or_none(d)
+        except KpfaceError:
+            continue
+        if man is not None and man.get("task") == "recognizer":
+            out.append(ModelSpec(d.name, "recognizer", "embed", "session", "faces",
+                                 batched=True, optional="another recognizer", pipeline=False))
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -192,13 +214,18 @@ class _Planner:
         then its builds, then torch eager; then any further recognizers."""
         s, plan = self.s, self.plan
         rec = self.look(RECOGNIZER)
+        others = RECOGNIZERS[1:] + other_recognizers(s.models_dir)
+        found = [f for f in [rec] + [self.look(spec) for spec in others] if f is not None]
         if rec is not None:
             plan.faces = self.inputs.add_faces(rec.manifest)
+        # The KP-RPE overhead is measured on the first recognizer that is a KP-RPE ViT.
+        kp = next((f for f in found if f.manifest.get("config", {}).get("kprpe")), rec)
         if self.wanted(RECOGNIZER):
             try:
-                plan.overhead = overhead_pair(s, rec.dir if rec else None,
-                                              rec.manifest if rec else None, self.say,
-                                              plan.notes)
+                plan.overhead = overhead_pair(s, kp.dir if kp else None,
+                                              kp.manifest if kp else None, self.say,
+                                              plan.notes, label=kp.spec.folder if kp else
+                                              RECOGNIZER.folder)
                 for label, d, man in plan.overhead["models"]:
                     if label not in plan.models:
                         self.add_model(label, d, man)
@@ -208,7 +235,8 @@ class _Planner:
         if rec is not None and self.wanted(RECOGNIZER):
             plan.skipped += rec.skipped
             ref = rec.entries[0]
-            extra = [m for m in (plan.overhead or {}).get("models", []) if m[0] != "recognizer"]
+            folders = {f.spec.folder for f in found}
+            extra = [m for m in (plan.overhead or {}).get("models", []) if m[0] not in folders]
             for b in s.batches:
                 plan.configs.append(self.config("embed", "recognizer", rec.dir, rec.manifest,
                                                 ref, b, "session", plan.faces))
@@ -222,7 +250,7 @@ class _Planner:
                     plan.configs.append(self.config("embed", "recognizer", rec.dir,
                                                     rec.manifest, Entry("torch", "fp32"), b,
                                                     "torch", plan.faces))
-        for spec in RECOGNIZERS[1:]:
+        for spec in others:
             self.single(spec)
 
     def e2e(self) -> None:

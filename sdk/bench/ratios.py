@@ -58,24 +58,28 @@ def kprpe_overhead(rows: list[dict], plan: Plan, s: Settings) -> Entries:
 
 
 def int8_speedup(rows: list[dict], plan: Plan, s: Settings) -> Entries:
-    """fp32 p50 / int8 p50 of the recognizer per runtime with an int8 build, at batch 8 (or
-    the largest batch)."""
+    """fp32 p50 / int8 p50 of each recognizer per runtime with an int8 build, at every batch;
+    ``value`` is batch 8's (or the largest batch's). The pipeline's recognizer is
+    ``int8_speedup_<runtime>``, another recognizer folder ``int8_speedup_<runtime>:<folder>``."""
     big = 8 if 8 in s.batches else max(s.batches)
     out: Entries = {}
-    runtimes = sorted({r["runtime"] for r in rows if r.get("stage") == "embed"
-                       and r.get("model") == "recognizer" and r.get("precision") == "int8"})
-    for rt in runtimes:
-        fp32 = p50(rows, stage="embed", model="recognizer", runtime=rt, precision="fp32",
-                   batch=big)
-        int8 = p50(rows, stage="embed", model="recognizer", runtime=rt, precision="int8",
-                   batch=big)
-        if fp32 is None or int8 is None:
-            out[f"int8_speedup_{rt}"] = {"status": "skipped", "reason":
-                                         f"needs both {rt} fp32 and int8 at batch {big}"}
+    keys = sorted({(r["model"], r["runtime"]) for r in rows if r.get("stage") == "embed"
+                   and r.get("precision") == "int8" and r.get("runtime") != "torch"},
+                  key=lambda k: (k[0] != "recognizer", k))
+    for model, rt in keys:
+        name = f"int8_speedup_{rt}" + ("" if model == "recognizer" else f":{model}")
+        by_batch = {str(b): _ratio(
+            p50(rows, stage="embed", model=model, runtime=rt, precision="fp32", batch=b),
+            p50(rows, stage="embed", model=model, runtime=rt, precision="int8", batch=b))
+            for b in s.batches}
+        if by_batch.get(str(big)) is None:
+            out[name] = {"status": "skipped", "reason":
+                         f"needs both {rt} fp32 and int8 of {model} at batch {big}"}
             continue
-        out[f"int8_speedup_{rt}"] = {"status": "ok", "batch": big, "value": fp32 / int8,
-                                     "definition": f"{rt} fp32 p50 / {rt} int8 p50"}
-    if not runtimes:
+        out[name] = {"status": "ok", "batch": big, "value": by_batch[str(big)],
+                     "by_batch": by_batch,
+                     "definition": f"{rt} fp32 p50 / {rt} int8 p50 ({model})"}
+    if not keys:
         out["int8_speedup"] = {"status": "skipped",
                                "reason": "no int8 recognizer build was measured"}
     return out
