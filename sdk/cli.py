@@ -15,6 +15,7 @@ from pathlib import Path
 from . import __version__
 from .cluster_cli import add_parsers as add_cluster_parsers
 from .errors import InputError, KpfaceError
+from .imageheader import DEFAULT_MAX_PIXELS, MAX_PIXELS_ENV
 
 log = logging.getLogger("kpface")
 
@@ -50,7 +51,7 @@ def cmd_export(args) -> int:
         options[name] = value
     manifest = export_model(arch, out, weights=args.weights, opset=args.opset,
                             strict=not args.no_strict, task=args.task, progress=say,
-                            save_weights=args.save_weights, options=options)
+                            save_weights=args.save_weights, options=options, force=args.force)
     print(f"exported {arch} to {out}/ in {manifest['export_seconds']:.1f} s")
     for name, g in manifest["graphs"].items():
         line = f"  {g['file']}: {g['bytes'] / 1e6:.1f} MB"
@@ -138,6 +139,12 @@ def cmd_build(args) -> int:
                  force=args.force, device=args.device, detector=detect,
                  make_detector=make_detector, options=options, progress=say)
     print(json.dumps(info.get("accuracy", {}), indent=2))
+    gate = info.get("gate")
+    if gate == "simulated":
+        print(f"gate: simulated, not measured on {args.runtime} itself "
+              f"({info.get('accuracy', {}).get('method', 'a stand-in')})")
+    else:
+        print(f"gate: {gate}")
     print(f"built {info.get('dir', '')}")
     return 0
 
@@ -147,12 +154,27 @@ def cmd_build(args) -> int:
 def _pipeline(args):
     from .pipeline import FacePipeline
     return FacePipeline.from_dir(args.models, runtime=args.runtime, precision=args.precision,
-                                 threads=args.threads, use_keypoints=not args.no_keypoints)
+                                 threads=args.threads, use_keypoints=not args.no_keypoints,
+                                 min_face=args.min_face, score=args.score)
+
+
+def _faces_of(pipe, path, max_pixels):
+    """(image, faces) of one file, or a KpfaceError; a bug is turned into one too, so that
+    one image cannot stop the others."""
+    from .image import load_image
+    try:
+        image = load_image(path, max_pixels=max_pixels)
+        return image, pipe(image)
+    except KpfaceError:
+        raise
+    except Exception as e:  # noqa: BLE001 - reported per image, the run goes on
+        log.debug("%s", path, exc_info=True)
+        raise KpfaceError(f"{path}: internal error: {type(e).__name__}: {e} (re-run with "
+                          "--debug for the traceback)") from e
 
 
 def cmd_run(args) -> int:
     from .draw import draw_faces
-    from .image import load_image
     import cv2
 
     pipe = _pipeline(args)
@@ -160,12 +182,11 @@ def cmd_run(args) -> int:
     failures = 0
     for i, path in enumerate(args.images):
         try:
-            image = load_image(path)
-        except InputError as e:
+            image, faces = _faces_of(pipe, path, args.max_pixels)
+        except KpfaceError as e:
             say(f"error: {e}")
             failures += 1
             continue
-        faces = pipe(image)
         results[str(path)] = [f.to_dict(embedding=True) for f in faces]
         if not faces:
             say(f"{path}: no faces found")
@@ -183,7 +204,8 @@ def cmd_run(args) -> int:
         write_json(args.json, results)
         say(f"wrote {args.json}")
     if failures:
-        raise InputError(f"{failures} of {len(args.images)} image(s) could not be read")
+        raise InputError(f"{failures} of {len(args.images)} image(s) could not be read; the "
+                         f"other {len(args.images) - failures} have their results")
     return 0
 
 
@@ -192,7 +214,7 @@ def cmd_compare(args) -> int:
     pipe = _pipeline(args)
     faces = []
     for path in (args.image_a, args.image_b):
-        found = pipe(load_image(path))
+        found = pipe(load_image(path, max_pixels=args.max_pixels))
         if not found:
             raise InputError(f"{path}: no face found, nothing to compare")
         if len(found) > 1:
@@ -237,7 +259,9 @@ def cmd_info(args) -> int:
     print(json.dumps({k: m[k] for k in keep if k in m}, indent=2))
     builds = Path(args.model_dir) / "builds"
     if builds.is_dir():
-        print("builds: " + ", ".join(sorted(p.name for p in builds.iterdir() if p.is_dir())))
+        names = sorted(p.name for p in builds.iterdir()
+                       if p.is_dir() and not p.name.startswith("."))  # staging dirs are not builds
+        print("builds: " + (", ".join(names) or "none"))
     return 0
 
 
@@ -274,6 +298,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--option", action="append", metavar="NAME=VALUE",
                    help="an export option of the architecture (repeatable), e.g. "
                    "sampling=gather for part_fvit; `--list` shows what each accepts")
+    e.add_argument("--force", action="store_true",
+                   help="replace a model whose builds/ were made from another graph (they are "
+                   "dropped); without it such a re-export is refused. Builds of an unchanged "
+                   "graph are always kept")
     e.add_argument("--list", action="store_true", help="list the architectures of TASK and exit")
     e.set_defaults(func=cmd_export)
 
@@ -306,6 +334,15 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--threads", type=int, help="engine threads (default: all cores)")
         sp.add_argument("--no-keypoints", action="store_true",
                         help="use the detector's landmarks even if a keypoint model exists")
+        sp.add_argument("--min-face", type=float, metavar="F",
+                        help="smallest face to find: below 1 a fraction of the image's shorter "
+                        "side, else pixels (MTCNN default 0.1, at least 20 px)")
+        sp.add_argument("--score", type=float, metavar="S",
+                        help="final detector score a face needs (MTCNN default 0.9; "
+                        "RetinaFace: its manifest's, 0.5)")
+        sp.add_argument("--max-pixels", type=int, metavar="N",
+                        help="refuse image files whose header declares more pixels, before "
+                        f"decoding (default ${MAX_PIXELS_ENV} or {DEFAULT_MAX_PIXELS:,})")
 
     r = sub.add_parser("run", help="detect, align and embed the faces of images")
     r.add_argument("images", nargs="+", metavar="IMAGE")
@@ -347,6 +384,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _quiet_opencv() -> None:
+    """OpenCV logs every image it cannot decode on stderr ("[ERROR:0@2.4] global
+    loadsave.cpp ..."), on top of kpface's own one-line error: the CLI keeps only its own
+    line (``--debug`` keeps OpenCV's). Library users keep OpenCV's setting."""
+    try:
+        import cv2
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+    except Exception:  # noqa: BLE001 - an OpenCV build without the logging module
+        pass
+
+
 def list_archs(task: str) -> int:
     from kpface.export.registry import archs
     for name, spec in sorted(archs(task).items()):
@@ -362,6 +410,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("nncf", "openvino", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not args.debug:
+        _quiet_opencv()
     # coremltools warns about untested torch/scikit-learn versions and missing macOS libraries
     # on every import (and resets its logger's level when imported); kpface reports what
     # matters (prediction needs macOS) itself, so those records are filtered at the handler.

@@ -10,7 +10,8 @@ A models directory holds one model directory per stage, each written by ``kpface
 post-processing; the pipeline only passes faces along: one detector call, one keypoint call
 for all faces of the image, each face cropped the way the recognizer's manifest asks, one
 recognizer call for all crops. It holds no per-call state, so one instance may serve many
-threads.
+threads (tested: 8 threads x 20 calls on real photos give the serial results). ``close()``
+(or ``with FacePipeline.from_dir(...) as pipe:``) closes every session it opened.
 """
 from __future__ import annotations
 
@@ -120,12 +121,16 @@ class FacePipeline:
     def from_dir(cls, models_dir: str | os.PathLike | None = None, runtime: str = "onnxruntime",
                  precision: str = "fp32", threads: int | None = None,
                  use_keypoints: bool = True, detector_precision: str = "fp32",
-                 convention: str | None = None, allow_random_keypoints: bool = False
+                 convention: str | None = None, allow_random_keypoints: bool = False,
+                 min_face: float | None = None, score: float | None = None
                  ) -> "FacePipeline":
         """Open ``models_dir/{detector,keypoints,recognizer}``.
 
         ``precision`` applies to the recognizer; the detection stages run at
-        ``detector_precision`` on the same runtime. A keypoint model exported with random
+        ``detector_precision`` on the same runtime. ``min_face`` (below 1: a fraction of the
+        image's shorter side, else pixels) and ``score`` set what the detector reports; None
+        keeps the detector's defaults (MTCNN: 0.1 of the shorter side, at least 20 px, and
+        0.9; see :mod:`kpface.models.mtcnn`). A keypoint model exported with random
         weights would only scramble the alignment, so it is skipped (with a warning) unless
         ``allow_random_keypoints``; the detector's landmarks are used instead.
         """
@@ -139,8 +144,9 @@ class FacePipeline:
             if not (root / stage).is_dir():
                 raise ModelError(f"{root} has no {stage}/ model; export one with "
                                  f"`kpface export {stage} --out {root / stage}`")
+        options = {k: v for k, v in (("min_face", min_face), ("score", score)) if v is not None}
         detector = load_detector(root / "detector", runtime=runtime,
-                                 precision=detector_precision, threads=threads)
+                                 precision=detector_precision, threads=threads, **options)
         keypoints = None
         if use_keypoints and (root / "keypoints").is_dir():
             kp_manifest = load_manifest(root / "keypoints", task="keypoints")
@@ -199,6 +205,19 @@ class FacePipeline:
 
     def compare(self, a: Face | np.ndarray, b: Face | np.ndarray) -> Comparison:
         return compare(a, b, self.threshold)
+
+    def close(self) -> None:
+        """Close the stages' sessions (those they opened themselves); idempotent."""
+        for stage in (self.detector, self.keypoints, self.recognizer):
+            close = getattr(stage, "close", None)
+            if close is not None:
+                close()
+
+    def __enter__(self) -> "FacePipeline":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 class Gallery:
