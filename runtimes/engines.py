@@ -232,6 +232,8 @@ ENGINES: tuple[Engine, ...] = (
             ("quantize_attention", "quantize the q.k and attn.v MatMuls too (default false)"),
             ("quantize_outputs", "quantize Conv/MatMul/Gemm outputs too (default false)"),
             ("preprocess", "symbolic shape inference before quantizing (default true)"),
+            ("quantize_bias", "int8: biases as int32 (default true; TensorRT's Q/DQ keeps "
+                              "them float)"),
         ),
         status="tested here (cpu; cuda untested)",
         notes="the fp32 model.onnx needs no build"),

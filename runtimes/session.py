@@ -55,11 +55,15 @@ def load_build(model_dir: str | os.PathLike, runtime: str, precision: str,
     model_dir = Path(model_dir)
     engine = get_engine(runtime)
     engine.check_precision(precision)
-    adapter = engine.require(device)
+    try:  # the build is found and checked even where the engine cannot run (open_build says)
+        adapter = engine.load_adapter()
+    except ImportError:
+        adapter = engine.require(device)
     key = adapter.device_key(device)
     d = build_dir(model_dir, runtime, precision, key)
     command = f"kpface build {model_dir} --runtime {runtime} --precision {precision}"
     if not (d / BUILD_MANIFEST_NAME).is_file():
+        engine.require(device)  # an engine that cannot run here says so first
         raise ModelError(f"{model_dir} has no {runtime} {precision} build for this device "
                          f"({key}); run `{command}`")
     info = read_json(d / BUILD_MANIFEST_NAME, f"the {runtime} {precision} build")
@@ -98,7 +102,7 @@ def open_build(model_dir: str | os.PathLike, runtime: str, precision: str, graph
     elif gate not in ("passed", None):
         log.warning("%s: this build is below its accuracy gate (gate %r, kept with --force)",
                     d, gate)
-    adapter = get_engine(runtime).load_adapter()
+    adapter = get_engine(runtime).require(device)
     return adapter.load(d, threads=threads, info=graphs[graph], device=device)
 
 

@@ -105,7 +105,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = kserve.build_app(models, threads=args.threads, gallery=args.gallery,
                            replicas=args.replicas, max_batch_size=args.max_batch,
                            batch_wait_ms=args.batch_wait_ms,
-                           use_keypoints=not args.no_keypoints)
+                           use_keypoints=not args.no_keypoints, min_face=args.min_face,
+                           score=args.score)
     with ray_session(args.ray, progress=_say), _sigterm_as_interrupt():
         try:
             url = kserve.start(app, port=args.port)
@@ -157,6 +158,11 @@ def add_parsers(sub) -> None:
                    "requests that queued while it was busy)")
     s.add_argument("--no-keypoints", action="store_true",
                    help="use the detector's landmarks even if a keypoint model exists")
+    s.add_argument("--min-face", type=float, metavar="F",
+                   help="smallest face to find: below 1 a fraction of the image's shorter "
+                   "side, else pixels (MTCNN default 0.1, at least 20 px)")
+    s.add_argument("--score", type=float, metavar="S",
+                   help="final detector score a face needs (MTCNN default 0.9)")
     s.set_defaults(func=cmd_serve)
 
     t = sub.add_parser("export-triton", help="write a Triton Inference Server model repository "

@@ -136,6 +136,8 @@ def decode_image(data: bytes, name: str = "image", max_pixels: int | None = None
         raise InputError(f"{name}: the file is empty")
     limit = pixel_limit(max_pixels)
     data = bytes(data)
+    if _jpeg_is_truncated(data):
+        raise InputError(f"{name}: the JPEG is truncated (no end marker); re-copy the file")
     header = read_header(data, name)
     if header.pixels > limit:
         raise InputError(
@@ -143,8 +145,6 @@ def decode_image(data: bytes, name: str = "image", max_pixels: int | None = None
             f"{header.height} pixels ({header.pixels / 1e6:.0f} megapixels), over the limit of "
             f"{limit / 1e6:.1f} megapixels; not decoded (raise the limit with --max-pixels or "
             f"${MAX_PIXELS_ENV} if the image is genuine)")
-    if _jpeg_is_truncated(data):
-        raise InputError(f"{name}: the JPEG is truncated (no end marker); re-copy the file")
     try:
         image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     except (cv2.error, MemoryError, ValueError, OverflowError) as e:

@@ -230,7 +230,8 @@ def read_header(data: bytes, name: str = "image") -> Header:
             and data[2:3].isspace():
         reader = _pnm
     if reader is None:
-        raise InputError(f"{name}: not an image in a format kpface reads ({FORMATS})")
+        raise InputError(f"{name}: not a readable image (not in a format kpface reads: "
+                         f"{FORMATS})")
     try:
         header = reader(data)
     except _Bad as e:

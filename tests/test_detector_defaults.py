@@ -62,6 +62,9 @@ def test_python_arguments_set_them(models_dir, photos):
     assert len(strict.detect(photos["camera"])) == 0  # its face scores 0.9995
     pipe = FacePipeline.from_dir(models_dir, threads=1, min_face=0.6)
     assert pipe.detector.min_face == 0.6 and pipe(photos["astronaut"]) == []
+    from kpface.serving import DetectStage  # `kpface serve --min-face / --score`
+    stage = DetectStage(models_dir, threads=1, min_face=0.6, score=0.95)
+    assert (stage.pipe.detector.min_face, stage.pipe.detector.score) == (0.6, 0.95)
     for bad in ({"min_face": 0}, {"min_face": -1}, {"min_face": 5}, {"score": 1.5},
                 {"score": "high"}):
         with pytest.raises(InputError):
