@@ -204,8 +204,8 @@ def cmd_run(args) -> int:
         write_json(args.json, results)
         say(f"wrote {args.json}")
     if failures:
-        raise InputError(f"{failures} of {len(args.images)} image(s) could not be read; the "
-                         f"other {len(args.images) - failures} have their results")
+        raise InputError(f"{failures} of {len(args.images)} image(s) could not be read; "
+                         f"results for the other {len(args.images) - failures}")
     return 0
 
 

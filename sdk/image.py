@@ -142,9 +142,9 @@ def decode_image(data: bytes, name: str = "image", max_pixels: int | None = None
     if header.pixels > limit:
         raise InputError(
             f"{name}: the {header.format.upper()} header declares {header.width}x"
-            f"{header.height} pixels ({header.pixels / 1e6:.0f} megapixels), over the limit of "
-            f"{limit / 1e6:.1f} megapixels; not decoded (raise the limit with --max-pixels or "
-            f"${MAX_PIXELS_ENV} if the image is genuine)")
+            f"{header.height} = {header.pixels:,} pixels, over the limit of {limit:,}; not "
+            f"decoded (raise the limit with --max-pixels or ${MAX_PIXELS_ENV} if the image is "
+            "genuine)")
     try:
         image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     except (cv2.error, MemoryError, ValueError, OverflowError) as e:
@@ -154,7 +154,7 @@ def decode_image(data: bytes, name: str = "image", max_pixels: int | None = None
         raise InputError(f"{name}: not a readable image (corrupt, truncated or unsupported format)")
     if image.shape[0] * image.shape[1] > limit:
         raise InputError(f"{name}: decoded to {image.shape[1]}x{image.shape[0]} pixels, over "
-                         f"the limit of {limit / 1e6:.1f} megapixels")
+                         f"the limit of {limit:,}")
     if header.format in ORIENT_HERE and header.orientation != 1:
         log.info("%s: turned upright (EXIF orientation %d)", name, header.orientation)
         image = np.ascontiguousarray(_UPRIGHT[header.orientation](image))
