@@ -334,3 +334,36 @@ def test_build_extra_is_declared_and_included():
     assert {"onnx>=1.16", "scikit-image>=0.22"} <= set(extras["build"])
     for extra in ("openvino", "coreml", "tensorrt", "dev"):
         assert "kpface[build]" in extras[extra], extra
+
+
+# --- no silent fallbacks -------------------------------------------------------------------------
+
+def test_the_recognizer_reads_the_output_it_was_told_to_read(tiny):
+    """Already so before issue 13 (kept under test): the embedding is the graph output named
+    ``embedding``, never "the first output"; without it the recognizer refuses."""
+    from kpface.models import Recognizer
+    from kpface.runtimes import open_session
+    from kpface.samples import ASTRONAUT_LANDMARKS, astronaut_bgr
+    sess = open_session(tiny, threads=1)
+
+    class Decoy:
+        input_names, provider = sess.input_names, sess.provider
+        output_names = ["decoy", "embedding"]
+
+        def __init__(self, keep=True):
+            self.keep = keep
+
+        def run(self, feeds):
+            out = sess.run(feeds)
+            got = {"decoy": np.ones_like(out["embedding"])}
+            if self.keep:
+                got["embedding"] = out["embedding"]
+            return got
+    m = load_manifest(tiny)
+    crop, pts, _ = Recognizer(manifest=m, session=sess).crop(astronaut_bgr(),
+                                                             ASTRONAUT_LANDMARKS)
+    want = Recognizer(manifest=m, session=sess).embed([crop], [pts])
+    got = Recognizer(manifest=m, session=Decoy()).embed([crop], [pts])
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    with pytest.raises(ModelError, match="no 'embedding'"):
+        Recognizer(manifest=m, session=Decoy(keep=False)).embed([crop], [pts])
