@@ -1,4 +1,5 @@
-"""Embed the main face of two photos and say whether they are the same person.
+"""Embed the main face of two photos and say whether they are the same person (no verdict, exit
+4, when the recognizer's weights are random or partial).
 
     python examples/compare_two_photos.py a.jpg b.jpg [--models DIR]
 
@@ -30,6 +31,9 @@ def main() -> int:
     except kpface.KpfaceError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if pipe.verdict_problem:  # random or partial recognizer weights: no identity verdict
+        print(f"cosine {result.cosine:.3f}; no verdict: {pipe.verdict_problem}", file=sys.stderr)
+        return 4
     verdict = "same person" if result.same else "different people"
     print(f"cosine {result.cosine:.3f} (threshold {result.threshold}): {verdict}")
     return 0

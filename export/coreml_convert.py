@@ -109,16 +109,18 @@ def torch_model(manifest: dict, model_dir: str | os.PathLike,
     if weights is not None:
         if not Path(weights).is_file():
             raise InputError(f"--option weights={weights}: no such checkpoint file")
-        if sha256_file(weights) != source.get("sha256"):
+        expected = (manifest.get("weights") or {}).get("sha256") or source.get("sha256")
+        if sha256_file(weights) != expected:
             raise ModelError(f"{weights} is not the checkpoint {model_dir} was exported from "
-                             f"(its manifest records sha256 {str(source.get('sha256'))[:12]}...)")
+                             f"(its manifest records sha256 {str(expected)[:12]}...)")
         _, model, _ = build_model(arch, weights=weights, options=opts)
         return model.eval(), str(weights)
     from kpface.export import registry
-    if not source.get("random_weights") and registry.get(arch).packaged_weights is not None:
+    from kpface.weights import is_random
+    if not is_random(manifest) and registry.get(arch).packaged_weights is not None:
         _, model, _ = build_model(arch, options=opts)
         return model.eval(), "packaged weights"
-    if source.get("random_weights"):
+    if is_random(manifest):
         raise ModelError(f"Core ML converts from torch and {model_dir} was exported with random "
                          "weights and without them; re-export it with --save-weights "
                          "(export_model(..., save_weights=True))")

@@ -310,4 +310,4 @@ def dlib_resnet_v1() -> ArchSpec:
                     description="dlib ResNet-29 face descriptor, 128-d, 150x150 chip "
                                 "(face-recognition-models weights)",
                     factory=DlibResNet, graphs=[graph], manifest=_manifest(),
-                    packaged_weights=packaged_weights)
+                    packaged_weights=packaged_weights, package=PACKAGE)

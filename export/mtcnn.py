@@ -216,4 +216,5 @@ def mtcnn() -> ArchSpec:
     return ArchSpec(name="mtcnn", task="detector",
                     description="MTCNN P/R/O-Net (facenet-pytorch weights)",
                     factory=MTCNN, graphs=graphs, manifest=_manifest(),
-                    remap_keys=remap_mtcnn_keys, packaged_weights=packaged_weights)
+                    remap_keys=remap_mtcnn_keys, packaged_weights=packaged_weights,
+                    package="facenet-pytorch")

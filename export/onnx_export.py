@@ -22,7 +22,9 @@ import torch
 
 import kpface
 from kpface.errors import InputError, KpfaceError
+from kpface.hub import HubFile, arch_for, download, is_hub_name
 from kpface.manifest import carry_builds, staging_dir, write_manifest
+from kpface.weights import from_source
 
 from . import registry
 from .checkpoint import load_weights
@@ -60,13 +62,48 @@ def resolve_options(spec: registry.ArchSpec, options: dict[str, str] | None) -> 
     return resolved
 
 
+def _package(spec: registry.ArchSpec) -> str:
+    """``"name version"`` of the distribution that ships ``spec``'s packaged weights."""
+    import importlib.metadata
+    if not spec.package:
+        return "an installed package"
+    try:
+        return f"{spec.package} {importlib.metadata.version(spec.package)}"
+    except importlib.metadata.PackageNotFoundError:
+        return spec.package
+
+
 def build_model(arch: str, weights: str | os.PathLike | None = None, strict: bool = True,
-                task: str | None = None, options: dict[str, str] | None = None):
-    """Return (spec, eval-mode module, source description for the manifest)."""
+                task: str | None = None, options: dict[str, str] | None = None, seed: int = 0):
+    """Return (spec, eval-mode module, source description for the manifest).
+
+    ``weights``: a checkpoint path, ``hf:OWNER/REPO[@REVISION]`` (its model.safetensors from
+    the Hugging Face cache, see :mod:`kpface.hub`) or a :class:`~kpface.hub.HubFile` already
+    resolved, or None (the weights an installed package
+    ships for ``arch``, else random). :func:`kpface.weights.from_source` turns the returned
+    description into the manifest's ``weights`` block.
+
+    The module is built under ``torch.manual_seed(seed)`` (the global generator is restored
+    afterwards), so a random export, and the tensors a non-strict load leaves alone, are the
+    same for the same architecture and seed; a random export also gets the architecture's
+    ``random_init`` (the KP-RPE ViT's non-zero keypoint_linear).
+    """
     spec = registry.get(arch, task)
-    model = spec.factory(**resolve_options(spec, options)).eval()
+    package = None
     if weights is None and spec.packaged_weights is not None:
-        weights = spec.packaged_weights()
+        weights, package = spec.packaged_weights(), _package(spec)
+    hub = None
+    if is_hub_name(weights):
+        arch_for(str(weights), spec.task, arch)  # a known repo must hold this arch
+        weights = download(str(weights))
+    if isinstance(weights, HubFile):  # resolved already (the CLI does it before torch loads)
+        hub, weights = weights, weights.path
+    init: dict[str, Any] = {"modules": f"the modules' own init under torch.manual_seed({seed})"}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = spec.factory(**resolve_options(spec, options)).eval()
+        if weights is None and spec.random_init is not None:
+            init.update(spec.random_init(model, torch.default_generator))  # the seeded stream
     if isinstance(weights, dict):
         # Packaged weights split over several files: {submodule name: path}.
         source = {"parts": {name: load_weights(model.get_submodule(name), path,
@@ -80,7 +117,12 @@ def build_model(arch: str, weights: str | os.PathLike | None = None, strict: boo
     else:
         log.warning("!!! %s has RANDOM WEIGHTS: no --weights given. Its outputs are "
                     "meaningless for real faces; pass --weights PATH for a real model. !!!", arch)
-        source = {"random_weights": True}
+        return spec, model, {"random_weights": True, "seed": seed, "init": init}
+    source["strict"] = strict
+    if package:
+        source["package"] = package
+    if hub is not None:
+        source["hub"] = {"repo": hub.repo, "revision": hub.revision, "file": hub.file}
     return spec, model, source
 
 
@@ -176,11 +218,13 @@ def export_model(arch: str, out_dir: str | os.PathLike, weights: str | os.PathLi
                  opset: int = DEFAULT_OPSET, strict: bool = True, task: str | None = None,
                  check: bool = True, progress: Callable[[str], None] | None = None,
                  save_weights: bool = False, options: dict[str, str] | None = None,
-                 force: bool = False) -> dict[str, Any]:
+                 seed: int = 0, force: bool = False) -> dict[str, Any]:
     """Export ``arch`` into ``out_dir`` (model.onnx + manifest.json); return the manifest.
 
     ``options``: the architecture's export options (``ArchSpec.options``, e.g. Part fViT's
     ``sampling``); the values used, defaults included, are recorded as ``export_options``.
+
+    ``seed``: the seed of random weights (recorded; same arch and seed, same weights).
 
     ``save_weights`` also stores the torch weights as ``weights.safetensors`` (listed in the
     manifest as ``torch_weights``), for engines that convert from torch (Core ML) when the
@@ -197,7 +241,8 @@ def export_model(arch: str, out_dir: str | os.PathLike, weights: str | os.PathLi
         raise KpfaceError(f"opset {opset} is too old: LayerNormalization needs opset >= 17")
     spec = registry.get(arch, task)
     options = resolve_options(spec, options)
-    spec, model, source = build_model(arch, weights, strict=strict, task=task, options=options)
+    spec, model, source = build_model(arch, weights, strict=strict, task=task,
+                                      options=options, seed=seed)
     out_dir = Path(out_dir)
     graphs_meta: dict[str, Any] = {}
     parity: dict[str, Any] = {}
@@ -241,7 +286,8 @@ def export_model(arch: str, out_dir: str | os.PathLike, weights: str | os.PathLi
             "graphs": graphs_meta,
             **spec.manifest,
             **({"export_options": options} if options else {}),
-            "source": source,
+            "weights": from_source(source),
+            "source": source,  # what the loader reported; older readers look here
             "parity": parity,
             "export_seconds": round(time.perf_counter() - t_start, 2),
         }

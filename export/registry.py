@@ -68,9 +68,15 @@ class ArchSpec:
     # Path of real weights shipped by an installed package, if there is one; or, for weights
     # split over several files, {submodule name: path} (each loaded into that submodule).
     packaged_weights: Callable[[], str | dict[str, str]] | None = None
+    # The distribution that ships those files (its name and version go into the manifest).
+    package: str | None = None
     # Export-time choices {name: allowed values}, the first value the default; ``factory``
     # receives the chosen values as keyword arguments and the manifest records them.
     options: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # Random-weight exports only: re-initialises what the module's own (training) init leaves
+    # inert, with ``generator``, and returns a description for the manifest's ``init``
+    # (the KP-RPE ViT's keypoint_linear, zero at training init, see export/vit.py).
+    random_init: Callable[[nn.Module, torch.Generator], dict[str, Any]] | None = None
 
 
 TASKS = ("recognizer", "detector", "keypoints")

@@ -143,6 +143,45 @@ class FaceViT(nn.Module):
         return self.feature(x.flatten(1))
 
 
+# --- random-weight exports ------------------------------------------------------------------
+# The training init of keypoint_linear is zero (section 2.1), so a random export's KP-RPE bias
+# is all zeros and its keypoint input is dead. Random exports draw its weight from
+# N(0, KPRPE_RANDOM_STD^2) instead (bias stays zero). Measured on vit_kprpe_small, seeds 0-5,
+# 8 real aligned face crops (scripts/kprpe_random_init.py): the bias of a block has rms ~3 in
+# logit units against q.k/sqrt(d) logits of rms 0.12-0.33 (bias/logit 9-27, median 18), and
+# moving all five keypoints by +0.05 in x gives an embedding cosine of 0.9977 on average, 0.99935
+# at worst (the bar is <= 0.9999), against 1.0 at zero init, ~0.99997 at std 1, ~0.99985 at std 2.
+# Checkpoint loads overwrite it.
+KPRPE_RANDOM_STD = 3.0
+SENSITIVITY_SHIFT_X = 0.05  # in units of the [0, 1] image
+
+
+def keypoint_sensitivity(model: "FaceViT", batch: int = 4, seed: int = 0) -> dict:
+    """Cosine between the embeddings of the spec's example inputs and of the same inputs with
+    all keypoints moved by SENSITIVITY_SHIFT_X in x (1.0: the keypoints do not matter)."""
+    image, kp = _example_inputs(model.cfg)(batch, torch.Generator().manual_seed(seed))
+    moved = kp.clone()
+    moved[..., 0] += SENSITIVITY_SHIFT_X
+    with torch.no_grad():
+        cos = nn.functional.cosine_similarity(model(image, kp), model(image, moved), dim=1)
+    return {"shift_x": SENSITIVITY_SHIFT_X, "inputs": f"{batch} example inputs (uniform images, "
+            f"jittered ArcFace-template keypoints, seed {seed})",
+            "cosine_max": round(float(cos.max()), 6), "cosine_mean": round(float(cos.mean()), 6)}
+
+
+def init_random_kprpe(model: "FaceViT", generator: torch.Generator) -> dict:
+    """Random exports: a non-zero keypoint_linear (see KPRPE_RANDOM_STD); returns the
+    manifest's description of it with the measured keypoint sensitivity."""
+    if not model.cfg.kprpe:
+        return {}
+    with torch.no_grad():
+        model.keypoint_linear.weight.normal_(0.0, KPRPE_RANDOM_STD, generator=generator)
+        model.keypoint_linear.bias.zero_()
+    return {"keypoint_linear": {"weight": f"normal(0, {KPRPE_RANDOM_STD:g})", "bias": "zeros",
+                                "why": "the training init (zeros) switches KP-RPE off"},
+            "keypoint_sensitivity": keypoint_sensitivity(model)}
+
+
 # --- registry -----------------------------------------------------------------------------
 
 def _recognizer_manifest(cfg: ViTConfig) -> dict:
@@ -200,7 +239,8 @@ def vit_spec(name: str, description: str, **kw) -> ArchSpec:
     )
     return ArchSpec(name=name, task="recognizer", description=description,
                     factory=lambda: FaceViT(cfg), graphs=[graph],
-                    manifest=_recognizer_manifest(cfg), remap_keys=remap_vit_keys)
+                    manifest=_recognizer_manifest(cfg), remap_keys=remap_vit_keys,
+                    random_init=init_random_kprpe if cfg.kprpe else None)
 
 
 def _register(name: str, description: str, **kw) -> ArchSpec:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from . import __version__
 from .cluster_cli import add_parsers as add_cluster_parsers
-from .errors import InputError, KpfaceError
+from .errors import InputError, KpfaceError, RandomWeightsError
 from .imageheader import DEFAULT_MAX_PIXELS, MAX_PIXELS_ENV
 
 log = logging.getLogger("kpface")
@@ -36,12 +36,19 @@ def engine_names() -> list[str]:
 # -- export -----------------------------------------------------------------------------------
 
 def cmd_export(args) -> int:
+    from .hub import arch_for, download, is_hub_name
+    from .weights import describe, is_partial, is_random
+    weights = args.weights
+    if is_hub_name(weights):  # the repo says which architecture it holds
+        arch = arch_for(weights, args.task, args.arch)
+        weights = download(weights)  # before torch is imported: a failure costs nothing
+    else:
+        arch = args.arch or DEFAULT_ARCH[args.task]
     try:
         from kpface.export.onnx_export import export_model
     except ImportError as e:
         raise KpfaceError(f"export needs torch and onnx ({e.name} is missing): "
                           "pip install 'kpface[export]'") from None
-    arch = args.arch or DEFAULT_ARCH[args.task]
     out = Path(args.out or arch)
     options = {}
     for item in args.option or []:
@@ -49,9 +56,10 @@ def cmd_export(args) -> int:
         if not sep or not name or not value:
             raise InputError(f"--option {item!r} is not NAME=VALUE (e.g. --option sampling=gather)")
         options[name] = value
-    manifest = export_model(arch, out, weights=args.weights, opset=args.opset,
+    manifest = export_model(arch, out, weights=weights, opset=args.opset,
                             strict=not args.no_strict, task=args.task, progress=say,
-                            save_weights=args.save_weights, options=options, force=args.force)
+                            save_weights=args.save_weights, options=options, seed=args.seed,
+                            force=args.force)
     print(f"exported {arch} to {out}/ in {manifest['export_seconds']:.1f} s")
     for name, g in manifest["graphs"].items():
         line = f"  {g['file']}: {g['bytes'] / 1e6:.1f} MB"
@@ -61,8 +69,12 @@ def cmd_export(args) -> int:
                 line += (f" | parity {oname}: max abs diff {o['max_abs_diff']:.2e} "
                          f"(rel {o['rel_max_diff']:.2e}), cosine {o['cosine']:.7f}")
         print(line)
-    if manifest["source"].get("random_weights"):
-        say(f"WARNING: {arch} was exported with RANDOM weights; pass --weights PATH for a real model")
+    print(f"weights: {describe(manifest)}")
+    if is_random(manifest):
+        say(f"WARNING: {arch} was exported with RANDOM weights (KP-RPE and all): its answers mean "
+            "nothing for real faces; pass --weights PATH or hf:OWNER/REPO for a real model")
+    elif is_partial(manifest):
+        say(f"WARNING: {arch} was loaded non-strictly and is PARTIAL: {describe(manifest)}")
     print(f"next: kpface build {out} --runtime onnxruntime --precision int8")
     return 0
 
@@ -173,6 +185,15 @@ def _faces_of(pipe, path, max_pixels):
                           "--debug for the traceback)") from e
 
 
+def _stage_info(pipe) -> dict:
+    """{stage: {arch, weights block}} of the stages that ran (full blocks: the file is the
+    user's own, so local checkpoint paths are kept)."""
+    stages = {"detector": pipe.detector, "keypoints": pipe.keypoints,
+              "recognizer": pipe.recognizer}
+    return {stage: {"arch": getattr(stages[stage], "arch", None), "weights": block}
+            for stage, block in pipe.weights.items()}
+
+
 def cmd_run(args) -> int:
     from .draw import draw_faces
     import cv2
@@ -201,7 +222,8 @@ def cmd_run(args) -> int:
             say(f"drew {len(faces)} face(s) into {target}")
     if args.json:
         from .manifest import write_json
-        write_json(args.json, results)
+        write_json(args.json, {"models": _stage_info(pipe), "warnings": pipe.warnings,
+                               "images": results})
         say(f"wrote {args.json}")
     if failures:
         raise InputError(f"{failures} of {len(args.images)} image(s) could not be read; "
@@ -221,8 +243,18 @@ def cmd_compare(args) -> int:
             say(f"{path}: {len(found)} faces, comparing the highest-scoring one")
         faces.append(max(found, key=lambda f: f.score))
     c = pipe.compare(*faces)
+    problem = pipe.verdict_problem
+    if problem is None:
+        print(f"cosine {c.cosine:.4f} -> {'same person' if c.same else 'different people'} "
+              f"(threshold {c.threshold})")
+        return 0
+    if not args.allow_random:
+        print(f"cosine {c.cosine:.4f} (no same/different verdict)")
+        raise RandomWeightsError(f"no verdict: {problem}; --allow-random shows one anyway")
     print(f"cosine {c.cosine:.4f} -> {'same person' if c.same else 'different people'} "
-          f"(threshold {c.threshold})")
+          f"(threshold {c.threshold}; MEANINGLESS: {pipe.recognizer.arch} has "
+          f"{'RANDOM' if pipe.recognizer.random_weights else 'PARTIAL'} weights)")
+    say(f"warning: {problem}")
     return 0
 
 
@@ -255,8 +287,9 @@ def cmd_info(args) -> int:
     from .manifest import load_manifest
     m = load_manifest(args.model_dir, verify=True)
     keep = ("name", "arch", "task", "opset", "graphs", "preprocess", "keypoints",
-            "embedding_size", "threshold", "source", "parity")
-    print(json.dumps({k: m[k] for k in keep if k in m}, indent=2))
+            "embedding_size", "threshold", "parity")
+    from .weights import weights_of
+    print(json.dumps({**{k: m[k] for k in keep if k in m}, "weights": weights_of(m)}, indent=2))
     builds = Path(args.model_dir) / "builds"
     if builds.is_dir():
         names = sorted(p.name for p in builds.iterdir()
@@ -286,9 +319,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--arch", help="architecture (default: recognizer vit_kprpe_small, detector "
                    "mtcnn, keypoints dfa_mnet025); see `kpface export TASK --list`")
     e.add_argument("--weights", help="checkpoint: CVLface model.pt, HF model.safetensors, LAFS "
-                   "Part fViT .pth, dlib .dat (dlib_resnet_v1) or kpface .safetensors (default: "
+                   "Part fViT .pth, dlib .dat (dlib_resnet_v1) or kpface .safetensors; or "
+                   "hf:OWNER/REPO[@REVISION] (its model.safetensors through the Hugging Face "
+                   "cache; needs kpface[hub]; --arch follows from a known repo) (default: "
                    "packaged weights, else RANDOM)")
     e.add_argument("--out", help="output model directory (default: ./ARCH)")
+    e.add_argument("--seed", type=int, default=0, help="seed of random weights (default 0; "
+                   "same arch and seed, same weights; recorded in the manifest)")
     e.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 17; default 17)")
     e.add_argument("--no-strict", action="store_true",
                    help="load a checkpoint even if keys are missing or unexpected")
@@ -347,14 +384,21 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="detect, align and embed the faces of images")
     r.add_argument("images", nargs="+", metavar="IMAGE")
     stage_opts(r)
-    r.add_argument("--json", help="write faces (box, score, landmarks, embedding) to this file")
+    r.add_argument("--json", help="write {models: {stage: {arch, weights}}, warnings, images: "
+                   "{IMAGE: faces (box, score, landmarks, embedding)}} to this file")
     r.add_argument("--draw", help="write the image with boxes and landmarks to this PNG")
     r.set_defaults(func=cmd_run)
 
-    c = sub.add_parser("compare", help="are the faces in two images the same person?")
+    c = sub.add_parser("compare", help="are the faces in two images the same person?",
+                       description="Print the cosine of the two faces and a same/different "
+                       "verdict at the recognizer's threshold. A recognizer with random or "
+                       "partial weights gets no verdict and exit status 4.")
     c.add_argument("image_a")
     c.add_argument("image_b")
     stage_opts(c)
+    c.add_argument("--allow-random", action="store_true",
+                   help="give the verdict (marked meaningless) and exit 0 even when the "
+                   "recognizer's weights are random or partial")
     c.set_defaults(func=cmd_compare)
 
     be = sub.add_parser("bench", help="latency, memory and accuracy per stage/engine/precision")

@@ -29,6 +29,7 @@ from .errors import InputError, ModelError
 from .image import to_bgr8
 from .manifest import atomic_write_bytes, load_manifest
 from .models.recognizer import Recognizer, l2_normalize
+from .weights import is_random, stage_warning, weights_of
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,10 @@ class FacePipeline:
     graph together with its ``recognizer_manifest``. ``convention``: the crop for recognizers
     without an ``alignment`` in their manifest, ``"aligned"`` (ArcFace template, the default)
     or ``"square"``; a recognizer whose manifest names its crop (dlib's face chip) gets that.
+
+    ``weights``: {stage: weights block} of the stages that run (:mod:`kpface.weights`);
+    ``warnings``: one line for every stage with random or partial weights (also logged), and
+    for a keypoint model left out because its weights are random.
     """
 
     def __init__(self, detector, recognizer, recognizer_manifest: dict | None = None,
@@ -116,6 +121,20 @@ class FacePipeline:
         self.manifest = recognizer.manifest
         self.threshold = recognizer.threshold
         self.convention = recognizer.crop_method(convention)
+        stages = {"detector": detector, "keypoints": keypoints, "recognizer": recognizer}
+        manifests = {stage: m.manifest for stage, m in stages.items()
+                     if isinstance(getattr(m, "manifest", None), dict)}
+        self.weights = {stage: weights_of(m) for stage, m in manifests.items()}
+        self.warnings: list[str] = [w for stage, m in manifests.items()
+                                    if (w := stage_warning(m, stage))]
+        for line in self.warnings:
+            log.warning("%s", line)
+
+    @property
+    def verdict_problem(self) -> str | None:
+        """Why this pipeline gives no identity verdicts (its recognizer's weights are random or
+        partial), or None."""
+        return self.recognizer.verdict_problem
 
     @classmethod
     def from_dir(cls, models_dir: str | os.PathLike | None = None, runtime: str = "onnxruntime",
@@ -148,11 +167,12 @@ class FacePipeline:
         detector = load_detector(root / "detector", runtime=runtime,
                                  precision=detector_precision, threads=threads, **options)
         keypoints = None
+        left_out = None
         if use_keypoints and (root / "keypoints").is_dir():
             kp_manifest = load_manifest(root / "keypoints", task="keypoints")
-            if kp_manifest.get("source", {}).get("random_weights") and not allow_random_keypoints:
-                log.warning("keypoint model in %s has random weights; using the detector's "
-                            "landmarks instead", root / "keypoints")
+            if is_random(kp_manifest) and not allow_random_keypoints:
+                left_out = (f"keypoints {kp_manifest.get('arch')}: RANDOM weights, left out: "
+                            f"the detector's landmarks are used instead ({root / 'keypoints'})")
             else:
                 keypoints = load_keypoints(root / "keypoints", runtime=runtime,
                                            precision=detector_precision, threads=threads,
@@ -162,7 +182,11 @@ class FacePipeline:
         log.info("pipeline: detector %s, keypoints %s, recognizer %s on %s/%s (%s)",
                  getattr(detector, "arch", "?"), getattr(keypoints, "arch", "detector's own"),
                  recognizer.arch, runtime, precision, recognizer.provider)
-        return cls(detector, recognizer, keypoints=keypoints, convention=convention)
+        pipe = cls(detector, recognizer, keypoints=keypoints, convention=convention)
+        if left_out:
+            log.warning("%s", left_out)
+            pipe.warnings.append(left_out)
+        return pipe
 
     # -- stages ------------------------------------------------------------------------------
     def detect(self, image: np.ndarray) -> list[Face]:

@@ -28,17 +28,38 @@ from typing import Any
 SOURCES = ("checkpoint", "hub", "package", "random")
 
 
-def _legacy(source: dict[str, Any]) -> dict[str, Any]:
+def from_source(source: dict[str, Any]) -> dict[str, Any]:
+    """The weights block that a manifest's ``source`` (what export's loader reports) implies.
+
+    Export writes its ``weights`` block with this, and :func:`weights_of` derives the block of
+    an older manifest with it, so both have one shape. ``source`` keys: ``random_weights``,
+    ``seed``, ``init``; ``path``, ``sha256``, ``missing`` / ``unexpected`` (key lists),
+    ``strict``; ``package`` ("name version"); ``hub`` ({repo, revision, file}); ``parts``
+    ({submodule: source}).
+    """
     if source.get("random_weights", False):
-        return {"source": "random"}
-    if isinstance(source.get("parts"), dict):
-        return {"source": "checkpoint",
-                "parts": {name: _legacy({**part, "random_weights": False})
-                          for name, part in source["parts"].items()}}
+        return {"source": "random", **{k: source[k] for k in ("seed", "init") if k in source}}
     if not source:
         return {"source": "unknown"}
-    out: dict[str, Any] = {"source": "checkpoint"}
-    if source.get("path"):
+    hub = source.get("hub") if isinstance(source.get("hub"), dict) else None
+    out: dict[str, Any] = {"source": "hub" if hub else "package" if source.get("package")
+                           else "checkpoint"}
+    if hub:
+        out.update({k: hub[k] for k in ("repo", "revision", "file") if hub.get(k)})
+    if source.get("package"):
+        out["package"] = source["package"]
+    if isinstance(source.get("parts"), dict):
+        out["parts"] = {name: _file_fields(part) for name, part in source["parts"].items()}
+    else:
+        out.update(_file_fields(source, keep_file=not hub))
+    if "strict" in source:
+        out["strict"] = bool(source["strict"])
+    return out
+
+
+def _file_fields(source: dict[str, Any], keep_file: bool = True) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if keep_file and source.get("path"):
         out["file"] = str(source["path"])
     if source.get("sha256"):
         out["sha256"] = source["sha256"]
@@ -48,12 +69,15 @@ def _legacy(source: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+_legacy = from_source  # older name
+
+
 def weights_of(manifest: dict[str, Any]) -> dict[str, Any]:
     """The manifest's ``weights`` block (a copy), or the one its older ``source`` implies."""
     block = manifest.get("weights")
     if isinstance(block, dict) and block.get("source"):
         return dict(block)
-    return _legacy(manifest.get("source") or {})
+    return from_source(manifest.get("source") or {})
 
 
 def is_random(manifest: dict[str, Any]) -> bool:
@@ -118,3 +142,20 @@ def for_client(manifest: dict[str, Any]) -> dict[str, Any]:
         block["parts"] = {k: {kk: vv for kk, vv in v.items() if kk != "file"}
                           for k, v in block["parts"].items()}
     return block
+
+
+# What a random or partial model's answers are, by task, for the one-line stage warnings.
+_ANSWERS = {"detector": "detections", "keypoints": "landmarks", "recognizer": "similarities"}
+
+
+def stage_warning(manifest: dict[str, Any], stage: str) -> str | None:
+    """One line for a stage whose weights are random or partial (None when they are real):
+    ``recognizer vit_kprpe_small: RANDOM weights (seed 0): its similarities are meaningless
+    for real faces``."""
+    if not (is_random(manifest) or is_partial(manifest)):
+        return None
+    name = manifest.get("arch") or manifest.get("name") or stage
+    answers = _ANSWERS.get(stage, "outputs")
+    if is_random(manifest):
+        return f"{stage} {name}: {describe(manifest)}: its {answers} are meaningless for real faces"
+    return f"{stage} {name}: {describe(manifest)}: its {answers} may be wrong"

@@ -38,9 +38,15 @@ def test_export_prints_parity_and_warns_random(tmp_path):
     code, out, err = kpface("export", "recognizer", "--arch", "vit_kprpe_tiny", "--out", tmp_path / "m")
     assert code == 0, err
     assert "max abs diff" in out and "cosine" in out and "next: kpface build" in out
-    assert "RANDOM" in err
+    assert "RANDOM" in err and "weights: RANDOM weights (seed 0)" in out
     manifest = json.loads((tmp_path / "m/manifest.json").read_text())
     assert manifest["parity"]["model"]["passed"]
+    code, out, err = kpface("export", "recognizer", "--arch", "vit_kprpe_tiny", "--seed", "9",
+                            "--out", tmp_path / "m9")
+    assert code == 0 and "weights: RANDOM weights (seed 9)" in out, err
+    other = json.loads((tmp_path / "m9/manifest.json").read_text())
+    assert other["weights"]["seed"] == 9
+    assert other["files"]["model.onnx"] != manifest["files"]["model.onnx"]  # other weights
 
 
 def test_unknown_arch(tmp_path):

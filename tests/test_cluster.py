@@ -299,8 +299,11 @@ def test_serve_embed_equals_direct_call(served, models_dir, photos):
     assert np.abs(np.array(face["landmarks"]) - direct[0].landmarks).max() <= 0.01
     models = out["models"]
     assert models["detector"] == {"arch": "mtcnn", "weights": models["detector"]["weights"]}
-    assert models["detector"]["weights"]["source"] == "checkpoint"
-    assert models["recognizer"] == {"arch": "vit_kprpe_tiny", "weights": {"source": "random"}}
+    assert models["detector"]["weights"]["source"] == "package"  # facenet-pytorch's files
+    assert models["detector"]["weights"]["package"].startswith("facenet-pytorch ")
+    assert models["recognizer"]["arch"] == "vit_kprpe_tiny"
+    assert models["recognizer"]["weights"]["source"] == "random"
+    assert models["recognizer"]["weights"]["seed"] == 0
     assert models["keypoints"] is None  # no keypoint model: MTCNN's own landmarks
     status, out = post(served + "/embed", {"image": b64(photos / "coffee.jpg")})
     assert status == 200 and out["faces"] == []

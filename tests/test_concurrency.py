@@ -178,6 +178,6 @@ def test_kpface_run_goes_on_after_an_unexpected_error(models_dir, photos, tmp_pa
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
     assert f"error: {paths[1]}: internal error: RuntimeError: a bug in one image's path" in err
-    results = json.loads(out.read_text())
+    results = json.loads(out.read_text())["images"]
     assert sorted(results) == sorted(str(p) for p in (paths[0], paths[2], paths[3]))
     assert "kpface: error: 1 of 4 image(s) could not be read; results for the other 3" in err

@@ -77,11 +77,11 @@ def test_cli_min_face_and_score(models_dir, photos, tmp_path, capsys):
     out = tmp_path / "faces.json"
     base = ["run", str(path), "--models", str(models_dir), "--threads", "1", "--json", str(out)]
     assert cli_main(base) == 0
-    assert len(json.loads(out.read_text())[str(path)]) == 1
+    assert len(json.loads(out.read_text())["images"][str(path)]) == 1
     assert cli_main(base + ["--score", "0.99995"]) == 0
-    assert json.loads(out.read_text())[str(path)] == []
+    assert json.loads(out.read_text())["images"][str(path)] == []
     assert cli_main(base + ["--min-face", "300"]) == 0
-    assert json.loads(out.read_text())[str(path)] == []
+    assert json.loads(out.read_text())["images"][str(path)] == []
     capsys.readouterr()
     code = cli_main(base + ["--min-face", "0"])
     err = capsys.readouterr().err

@@ -102,6 +102,11 @@ def test_mtcnn_export_with_packaged_weights(mtcnn_dir):
     assert m["source"]["random_weights"] is False
     assert set(m["source"]["parts"]) == {"pnet", "rnet", "onet"}
     assert all(len(p["sha256"]) == 64 and not p["missing"] for p in m["source"]["parts"].values())
+    import importlib.metadata
+    w = m["weights"]  # the weights block: the package by name and version, each part's file
+    assert (w["source"], w["package"], w["strict"]) == (
+        "package", f"facenet-pytorch {importlib.metadata.version('facenet-pytorch')}", True)
+    assert all(p["missing_keys"] == 0 and len(p["sha256"]) == 64 for p in w["parts"].values())
     assert set(m["files"]) == {"pnet.onnx", "rnet.onnx", "onet.onnx"}
     g = onnx.load(str(mtcnn_dir / "pnet.onnx")).graph
     assert _shape(g.input[0]) == ["batch", 3, "height", "width"]

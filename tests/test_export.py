@@ -54,6 +54,9 @@ def test_manifest_records_parity_and_hashes(tiny_recognizer):
     out = p["outputs"]["embedding"]
     assert out["rel_max_diff"] <= 1e-4 and out["cosine"] >= 0.99999
     assert m["source"]["random_weights"] is True
+    w = m["weights"]  # the block every reader goes through (kpface.weights)
+    assert (w["source"], w["seed"]) == ("random", 0)
+    assert w["init"]["keypoint_linear"]["weight"].startswith("normal(0, ")
     assert m["preprocess"]["color"] == "RGB" and m["embedding_size"] == 512
     assert m["opset"] >= 17 and len(m["files"]["model.onnx"]) == 64
 

@@ -168,7 +168,8 @@ def test_recognizer_reads_its_manifest(tiny_recognizer, astronaut):
     assert (rec.size, rec.embedding_size, rec.arch) == ((112, 112), 512, "vit_kprpe_tiny")
     assert rec.uses_keypoints and rec.normalize and not rec.mirror_sum
     assert rec.threshold == load_manifest(tiny_recognizer)["threshold"]
-    assert rec.random_weights and rec.weights["random_weights"] is True
+    assert rec.random_weights and rec.weights["source"] == "random" and rec.weights["seed"] == 0
+    assert "RANDOM" in rec.verdict_problem
     assert rec.crop_methods == ("aligned", "square") and rec.dense_output is None
     crop, pts, _ = rec.crop(astronaut, ASTRONAUT_LANDMARKS)
     feeds, _ = rec.inputs([crop], [pts])

@@ -101,9 +101,10 @@ def test_sidecar_carries_what_clients_need(repo, models_dir):
     assert side["preprocess"] == det["preprocess"]
     assert side["mtcnn"] == det["mtcnn"]
     assert side["graph"] == "rnet" and side["sha256"] == det["files"]["rnet.onnx"]
-    assert side["weights"]["source"] == "checkpoint"
+    assert side["weights"]["source"] == "package"
+    assert all("file" not in p for p in side["weights"]["parts"].values())  # no local paths
     rec = json.loads((repo / "recognizer" / "kpface.json").read_text())
-    assert rec["weights"] == {"source": "random"}
+    assert (rec["weights"]["source"], rec["weights"]["seed"]) == ("random", 0)
     assert rec["keypoints"]["order"][0] == "left_eye"
 
 

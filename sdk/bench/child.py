@@ -125,7 +125,8 @@ def export(cfg: dict) -> dict[str, Any]:
     logging.getLogger("kpface.export.onnx_export").setLevel(logging.ERROR)
     from kpface.export.onnx_export import export_model
     manifest = export_model(cfg["arch"], cfg["out"])
-    return {"arch": manifest["arch"], "random_weights": manifest["source"].get("random_weights")}
+    from kpface.weights import is_random
+    return {"arch": manifest["arch"], "random_weights": is_random(manifest)}
 
 
 ONE_SHOT = {"gemm": gemm, "export": export}  # jobs that answer once and end

@@ -117,10 +117,12 @@ class _Planner:
                                   "reason": reason})
 
     def add_model(self, label: str, model_dir: Path, manifest: dict) -> None:
-        src = manifest.get("source", {})
+        from ..weights import describe, is_partial, is_random
         self.plan.models[label] = {"dir": str(model_dir), "arch": manifest.get("arch"),
                                    "task": manifest.get("task"),
-                                   "random_weights": bool(src.get("random_weights", False)),
+                                   "random_weights": is_random(manifest),
+                                   "partial_weights": is_partial(manifest),
+                                   "weights": describe(manifest),
                                    "bytes": model_bytes(model_dir, manifest),
                                    "builds": [b["dir"].name for b in find_builds(model_dir)]}
 

@@ -190,7 +190,8 @@ def markdown(report: dict, chart: str | None) -> str:
     lines += ["", "## Models", "", "| name | arch | random weights | size MB | builds |",
               "|---|---|---|---|---|"]
     for name, mm in report["models"].items():
-        random = "yes" if mm.get("random_weights") else "no"
+        random = "yes" if mm.get("random_weights") else "PARTIAL" if mm.get("partial_weights") \
+            else "no"
         builds = ", ".join(mm.get("builds") or []) or "-"
         lines.append(f"| {name} | {mm.get('arch')} | {random} | {mm['bytes'] / 2 ** 20:.1f} | "
                      f"{builds} |")

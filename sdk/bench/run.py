@@ -47,9 +47,10 @@ def _notes(rows: list[dict], models: dict, machine: dict) -> list[str]:
             f"{len(noisy)} configuration(s) have p99 > 2 x p50 ({', '.join(noisy)}): other work "
             f"competed for the CPU (load average {machine.get('load_average_start')} at the "
             f"start, {machine.get('load_average_end')} at the end). Every ratio uses medians.")
-    if any(m.get("random_weights") for m in models.values()):
-        notes.append("Models marked random_weights have no trained weights: latency and "
-                     "memory are representative, detections and accuracy figures are not.")
+    if any(m.get("random_weights") or m.get("partial_weights") for m in models.values()):
+        notes.append("Models marked random (or partial) weights have no (or not all) trained "
+                     "weights: latency and memory are representative, detections and accuracy "
+                     "figures are not.")
     return notes
 
 

@@ -33,6 +33,7 @@ from ..align import CONVENTIONS, crop_face, fit_crops, transform_points
 from ..errors import InputError, ModelError
 from ..facechip import face_chip
 from ..preprocess import Normalizer
+from ..weights import is_random, verdict_problem, weights_of
 from .base import Model, check_landmark_order, graph_tensors, require
 
 EMBEDDING_OUTPUT = "embedding"
@@ -124,13 +125,18 @@ class Recognizer(Model):
     # -- what it is ----------------------------------------------------------------------
     @property
     def weights(self) -> dict[str, Any]:
-        """Where its weights came from: the manifest's ``source`` (checkpoint and sha256, a
-        package, or ``random_weights``)."""
-        return dict(self.manifest.get("source") or {})
+        """Where its weights came from: the manifest's weights block (:mod:`kpface.weights`:
+        source checkpoint / hub / package / random, file or repo, sha256, load counts)."""
+        return weights_of(self.manifest)
 
     @property
     def random_weights(self) -> bool:
-        return bool(self.weights.get("random_weights", False))
+        return is_random(self.manifest)
+
+    @property
+    def verdict_problem(self) -> str | None:
+        """Why its similarities are no identity verdict (random or partial weights), or None."""
+        return verdict_problem(self.manifest, "recognizer")
 
     @property
     def provider(self) -> str | None:
