@@ -15,7 +15,7 @@ from pathlib import Path
 from . import __version__
 from .cluster_cli import add_parsers as add_cluster_parsers
 from .errors import InputError, KpfaceError, RandomWeightsError
-from .imageheader import DEFAULT_MAX_PIXELS, MAX_PIXELS_ENV
+from .cli_images import add_detector_options, add_image_options, faces_of, quiet_opencv
 
 log = logging.getLogger("kpface")
 
@@ -170,21 +170,6 @@ def _pipeline(args):
                                  min_face=args.min_face, score=args.score)
 
 
-def _faces_of(pipe, path, max_pixels):
-    """(image, faces) of one file, or a KpfaceError; a bug is turned into one too, so that
-    one image cannot stop the others."""
-    from .image import load_image
-    try:
-        image = load_image(path, max_pixels=max_pixels)
-        return image, pipe(image)
-    except KpfaceError:
-        raise
-    except Exception as e:  # noqa: BLE001 - reported per image, the run goes on
-        log.debug("%s", path, exc_info=True)
-        raise KpfaceError(f"{path}: internal error: {type(e).__name__}: {e} (re-run with "
-                          "--debug for the traceback)") from e
-
-
 def _stage_info(pipe) -> dict:
     """{stage: {arch, weights block}} of the stages that ran (full blocks: the file is the
     user's own, so local checkpoint paths are kept)."""
@@ -203,7 +188,7 @@ def cmd_run(args) -> int:
     failures = 0
     for i, path in enumerate(args.images):
         try:
-            image, faces = _faces_of(pipe, path, args.max_pixels)
+            image, faces = faces_of(pipe, path, args.max_pixels)
         except KpfaceError as e:
             say(f"error: {e}")
             failures += 1
@@ -371,15 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--threads", type=int, help="engine threads (default: all cores)")
         sp.add_argument("--no-keypoints", action="store_true",
                         help="use the detector's landmarks even if a keypoint model exists")
-        sp.add_argument("--min-face", type=float, metavar="F",
-                        help="smallest face to find: below 1 a fraction of the image's shorter "
-                        "side, else pixels (MTCNN default 0.1, at least 20 px)")
-        sp.add_argument("--score", type=float, metavar="S",
-                        help="final detector score a face needs (MTCNN default 0.9; "
-                        "RetinaFace: its manifest's, 0.5)")
-        sp.add_argument("--max-pixels", type=int, metavar="N",
-                        help="refuse image files whose header declares more pixels, before "
-                        f"decoding (default ${MAX_PIXELS_ENV} or {DEFAULT_MAX_PIXELS:,})")
+        add_detector_options(sp)
+        add_image_options(sp)
 
     r = sub.add_parser("run", help="detect, align and embed the faces of images")
     r.add_argument("images", nargs="+", metavar="IMAGE")
@@ -428,17 +406,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _quiet_opencv() -> None:
-    """OpenCV logs every image it cannot decode on stderr ("[ERROR:0@2.4] global
-    loadsave.cpp ..."), on top of kpface's own one-line error: the CLI keeps only its own
-    line (``--debug`` keeps OpenCV's). Library users keep OpenCV's setting."""
-    try:
-        import cv2
-        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
-    except Exception:  # noqa: BLE001 - an OpenCV build without the logging module
-        pass
-
-
 def list_archs(task: str) -> int:
     from kpface.export.registry import archs
     for name, spec in sorted(archs(task).items()):
@@ -455,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("nncf", "openvino", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if not args.debug:
-        _quiet_opencv()
+        quiet_opencv()
     # coremltools warns about untested torch/scikit-learn versions and missing macOS libraries
     # on every import (and resets its logger's level when imported); kpface reports what
     # matters (prediction needs macOS) itself, so those records are filtered at the handler.

@@ -15,6 +15,8 @@ import sys
 import threading
 import time
 
+from .cli_images import add_detector_options
+
 log = logging.getLogger(__name__)
 
 LOCAL = "local"
@@ -158,11 +160,7 @@ def add_parsers(sub) -> None:
                    "requests that queued while it was busy)")
     s.add_argument("--no-keypoints", action="store_true",
                    help="use the detector's landmarks even if a keypoint model exists")
-    s.add_argument("--min-face", type=float, metavar="F",
-                   help="smallest face to find: below 1 a fraction of the image's shorter "
-                   "side, else pixels (MTCNN default 0.1, at least 20 px)")
-    s.add_argument("--score", type=float, metavar="S",
-                   help="final detector score a face needs (MTCNN default 0.9)")
+    add_detector_options(s)
     s.set_defaults(func=cmd_serve)
 
     t = sub.add_parser("export-triton", help="write a Triton Inference Server model repository "
