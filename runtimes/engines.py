@@ -44,10 +44,36 @@ import numpy as np
 from kpface.errors import EngineUnavailable, InputError
 
 PRECISIONS = ("fp32", "fp16", "int8")
+# What every build needs besides its engine: onnx (graph passes, quantization) and
+# scikit-image (the real face photos of calibration and of the accuracy gates). The extra
+# ``build`` installs them; ``openvino``, ``coreml`` and ``tensorrt`` include it.
+BUILD_NEEDS = (("onnx", "onnx"), ("skimage", "scikit-image"))
+BUILD_EXTRA = "pip install 'kpface[build]'"
+
+
+def build_requirements() -> tuple[bool, str]:
+    """Are the packages every build needs importable? (ok, one line naming the extra)."""
+    import importlib.util
+    missing = []
+    for module, package in BUILD_NEEDS:
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            missing.append(package)
+    if missing:
+        return False, (f"kpface build needs {' and '.join(missing)} (not installed): "
+                       f"{BUILD_EXTRA}")
+    return True, "build requirements installed"
 
 
 class Session(Protocol):
-    """What every engine's ``load`` returns (and :func:`kpface.runtimes.open_session`)."""
+    """What every engine's ``load`` returns (and :func:`kpface.runtimes.open_session`).
+
+    ``run`` may be called from several threads at once. ``close()`` (or leaving a ``with``
+    block) releases the engine's memory and device resources; a closed session refuses to
+    run. Close a session only when no thread is running it."""
 
     provider: str
     input_names: list[str]
@@ -55,11 +81,57 @@ class Session(Protocol):
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
+    def close(self) -> None: ...
+
+
+class Closable:
+    """``close()`` + context-manager support for sessions: subclasses implement
+    ``_release()`` and call ``_check_open()`` at the start of ``run``."""
+
+    _closed = False
+
+    def _release(self) -> None:  # pragma: no cover - overridden
+        pass
+
+    def close(self) -> None:
+        """Release the engine's resources (idempotent); the session refuses to run after."""
+        if not self._closed:
+            self._closed = True
+            self._release()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _check_open(self) -> None:
+        if self._closed:
+            from kpface.errors import ModelError
+            raise ModelError(f"this {type(self).__name__} was closed; open the model again")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
 
 def default_threads() -> int:
-    """Engine threads when the caller gives none: ``$KPFACE_THREADS``, else every core."""
+    """Engine threads when the caller gives none: ``$KPFACE_THREADS``, else the cores this
+    process may run on (``os.sched_getaffinity``: a container or ``taskset`` limit, not the
+    machine's core count)."""
     env = os.environ.get("KPFACE_THREADS")
-    return int(env) if env else (os.cpu_count() or 1)
+    if env:
+        try:
+            n = int(env)
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise InputError(f"KPFACE_THREADS={env!r} is not a positive number of threads")
+        return n
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # macOS, Windows
+        return os.cpu_count() or 1
 
 
 @dataclass(frozen=True)
@@ -91,6 +163,10 @@ class Engine:
 
     def available(self, device: str | None = None, purpose: str = "run") -> tuple[bool, str]:
         """Can this engine run (``purpose="run"``) or build (``"build"``) here?"""
+        if purpose == "build":
+            ok, reason = build_requirements()
+            if not ok:
+                return ok, reason
         try:
             module = self._module(purpose)
         except ImportError as e:  # the module itself needs something missing
@@ -99,8 +175,17 @@ class Engine:
 
     def require(self, device: str | None = None, purpose: str = "run") -> ModuleType:
         """The adapter (``purpose="run"``) or builder (``"build"``) module, or
-        :class:`EngineUnavailable` saying how to get the engine."""
-        module = self._module(purpose)
+        :class:`EngineUnavailable` saying how to get the engine (or, for a build, the
+        packages every build needs)."""
+        if purpose == "build":
+            ok, reason = build_requirements()
+            if not ok:
+                raise EngineUnavailable(reason)
+        try:
+            module = self._module(purpose)
+        except ImportError as e:
+            raise EngineUnavailable(f"{self.name} {purpose} module cannot be imported ({e}): "
+                                    f"{self.install}") from None
         ok, reason = module.available(device, purpose=purpose)
         if not ok:
             raise EngineUnavailable(reason)
@@ -150,6 +235,8 @@ ENGINES: tuple[Engine, ...] = (
             ("preprocess", "symbolic shape inference before quantizing (default true)"),
             ("op_types", "op types quantized (default [\"Conv\", \"MatMul\", \"Gemm\"]; a "
                          "ResNet may add Add, AveragePool, MaxPool, Relu, Pad)"),
+            ("quantize_bias", "int8: biases as int32 (default true; TensorRT's Q/DQ keeps "
+                              "them float)"),
         ),
         status="tested here (cpu; cuda untested)",
         notes="the fp32 model.onnx needs no build"),
@@ -174,14 +261,15 @@ ENGINES: tuple[Engine, ...] = (
         "tensorrt", "TensorRT", ".engine", "tensorrt",
         adapter="kpface.runtimes.tensorrt_rt", builder="kpface.runtimes.tensorrt_rt",
         precisions=("fp32", "fp16", "int8"), devices=("cuda",),
-        builds_from="ONNX -> serialized engine (TensorRT builder, dynamic batch profile, "
-                    "entropy calibrator for int8)",
+        builds_from="ONNX -> serialized engine (TensorRT builder, dynamic batch profile); "
+                    "int8 by explicit quantization: a Q/DQ ONNX graph calibrated with "
+                    "onnxruntime.quantization",
         install="pip install 'kpface[tensorrt]'  (tensorrt cuda-python; needs an NVIDIA GPU)",
         options=(
             ("profile", "dynamic batch profile [min, opt, max] (default [1, 8, 32])"),
             ("workspace", "builder workspace limit in bytes (default 2 GiB)"),
-            ("calibration_cache", "int8 calibration cache file (default: keyed by model and "
-                                  "crops, next to the builds)"),
+            ("calibration_cache", "reuse the Q/DQ graph of the installed int8 build when it "
+                                  "was calibrated on the same model and crops (default true)"),
         ),
         status="untested (never run: no NVIDIA GPU with TensorRT here)",
         notes="an engine runs only on the GPU model and TensorRT version it was built with"),
@@ -194,6 +282,8 @@ ENGINES: tuple[Engine, ...] = (
         install="pip install 'kpface[coreml]'  (coremltools; prediction needs macOS)",
         options=(
             ("batches", "enumerated batch sizes of the ML program (default [1, 8])"),
+            ("weights", "the torch checkpoint the model was exported from, when its "
+                        "directory holds no weights.safetensors (sha256 must match)"),
         ),
         status="converts here (tested); predicts on macOS only (untested)",
         notes="converts on Linux, predicts only on macOS"),
@@ -293,7 +383,11 @@ def int8_saturates() -> bool:
 def quiet(*loggers: str) -> Iterator[None]:
     """Silence an engine library that prints (progress bars, banners) or logs at INFO: library
     code must not print. What it writes to stdout/stderr is dropped; its loggers are raised to
-    WARNING for the duration."""
+    WARNING for the duration.
+
+    Build time only (conversion, quantization): it swaps the process's ``sys.stdout`` /
+    ``sys.stderr`` and logger levels, which must never happen while an application runs
+    models (opening and running sessions never calls it)."""
     saved = [(logging.getLogger(n), logging.getLogger(n).level) for n in loggers]
     for lg, _ in saved:
         lg.setLevel(logging.WARNING)

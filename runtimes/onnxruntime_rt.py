@@ -28,7 +28,7 @@ import numpy as np
 from kpface.errors import EngineUnavailable, InputError, ModelError
 
 from . import floatscope
-from .engines import default_threads, int8_saturates, quiet
+from .engines import Closable, default_threads, int8_saturates, quiet
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +85,9 @@ def versions() -> dict[str, str]:
 
 # --- sessions ------------------------------------------------------------------------------
 
-class OrtSession:
-    """ONNX Runtime session on one ONNX file; thread-safe (ORT's run is re-entrant)."""
+class OrtSession(Closable):
+    """ONNX Runtime session on one ONNX file; thread-safe (ORT's run is re-entrant).
+    ``close()`` / ``with`` releases it."""
 
     def __init__(self, path: str | os.PathLike, threads: int | None = None,
                  providers: list | None = None):
@@ -111,8 +112,12 @@ class OrtSession:
         self.output_names = [o.name for o in self._sess.get_outputs()]
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self._check_open()
         outs = self._sess.run(self.output_names, feeds)
         return dict(zip(self.output_names, outs))
+
+    def _release(self) -> None:
+        self._sess = None
 
 
 def open_onnx(path: str | os.PathLike, threads: int | None = None,
@@ -208,7 +213,8 @@ def quantize_int8(src: Path, dst: Path, calibration, options: dict) -> dict[str,
     ``quantize_attention`` (False: q.k and attn.v MatMuls stay float), ``quantize_outputs``
     (``["Conv"]``: the op types whose outputs are quantized too; true = all, false = none),
     ``preprocess`` (True: symbolic shape inference first), ``op_types`` (Conv, MatMul, Gemm:
-    the op types quantized; a ResNet may add Add, AveragePool, MaxPool, Relu, Pad).
+    the op types quantized; a ResNet may add Add, AveragePool, MaxPool, Relu, Pad),
+    ``quantize_bias`` (True: int32 biases; the TensorRT recipe keeps them float).
 
     Outputs: a Conv whose output stays float cannot become ORT's QLinearConv: it runs as
     DequantizeLinear + float Conv, slower than fp32 (dlib_resnet_v1, batch 8: 0.8x fp32 with
@@ -284,6 +290,7 @@ def quantize_int8(src: Path, dst: Path, calibration, options: dict) -> dict[str,
             calibrate_method=methods[method],
             extra_options={"ActivationSymmetric": act == QuantType.QInt8,
                            "WeightSymmetric": wtype == QuantType.QInt8,
+                           "QuantizeBias": bool(options.get("quantize_bias", True)),
                            "OpTypesToExcludeOutputQuantization":
                                [t for t in INT8_OP_TYPES if t not in quantized_outputs]})
     q = onnx.load(str(dst))

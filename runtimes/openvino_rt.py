@@ -26,7 +26,7 @@ import numpy as np
 from kpface.errors import EngineUnavailable, InputError, ModelError
 
 from . import floatscope
-from .engines import default_threads, int8_saturates, quiet
+from .engines import Closable, default_threads, int8_saturates, quiet
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +76,9 @@ def _capabilities(core, dev: str) -> list[str]:
 
 # --- sessions ------------------------------------------------------------------------------
 
-class OpenVinoSession:
-    """A compiled OpenVINO model; ``run`` uses one infer request per call (thread-safe)."""
+class OpenVinoSession(Closable):
+    """A compiled OpenVINO model; ``run`` uses one infer request per call (thread-safe).
+    ``close()`` / ``with`` releases it."""
 
     def __init__(self, xml: str | os.PathLike, threads: int | None = None,
                  device: str | None = None, precision_hint: str = "f32",
@@ -110,10 +111,14 @@ class OpenVinoSession:
         self.output_names = [_pick_name(o, names) for o in self._compiled.outputs]
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self._check_open()
         request = self._compiled.create_infer_request()
         result = request.infer({k: np.ascontiguousarray(v) for k, v in feeds.items()})
         return {name: np.array(result[o], copy=True)
                 for name, o in zip(self.output_names, self._compiled.outputs)}
+
+    def _release(self) -> None:
+        self._compiled = None
 
 
 def _pick_name(port, preferred: list[str] | None) -> str:

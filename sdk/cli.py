@@ -18,6 +18,7 @@ from .cluster_cli import add_parsers as add_cluster_parsers
 from .eval_cli import add_build_options as add_eval_build_options
 from .eval_cli import add_parsers as add_eval_parsers
 from .errors import InputError, KpfaceError, RandomWeightsError
+from .cli_images import add_detector_options, add_image_options, faces_of, quiet_opencv
 
 log = logging.getLogger("kpface")
 
@@ -60,7 +61,8 @@ def cmd_export(args) -> int:
         options[name] = value
     manifest = export_model(arch, out, weights=weights, opset=args.opset,
                             strict=not args.no_strict, task=args.task, progress=say,
-                            save_weights=args.save_weights, options=options, seed=args.seed)
+                            save_weights=args.save_weights, options=options, seed=args.seed,
+                            force=args.force)
     print(f"exported {arch} to {out}/ in {manifest['export_seconds']:.1f} s")
     for name, g in manifest["graphs"].items():
         line = f"  {g['file']}: {g['bytes'] / 1e6:.1f} MB"
@@ -155,6 +157,12 @@ def cmd_build(args) -> int:
                  make_detector=make_detector, options=options, progress=say,
                  verify=verify, max_drop=args.eval_max_drop)
     print(json.dumps(info.get("accuracy", {}), indent=2))
+    gate = info.get("gate")
+    if gate == "simulated":
+        print(f"gate: simulated, not measured on {args.runtime} itself "
+              f"({info.get('accuracy', {}).get('method', 'a stand-in')})")
+    else:
+        print(f"gate: {gate}")
     print(f"built {info.get('dir', '')}")
     return 0
 
@@ -165,7 +173,8 @@ def _pipeline(args):
     from .pipeline import FacePipeline
     return FacePipeline.from_dir(args.models, runtime=args.runtime, precision=args.precision,
                                  threads=args.threads, use_keypoints=not args.no_keypoints,
-                                 recognizer=args.recognizer)
+                                 recognizer=args.recognizer,
+                                 min_face=args.min_face, score=args.score)
 
 
 def _stage_info(pipe) -> dict:
@@ -179,7 +188,6 @@ def _stage_info(pipe) -> dict:
 
 def cmd_run(args) -> int:
     from .draw import draw_faces
-    from .image import load_image
     import cv2
 
     pipe = _pipeline(args)
@@ -187,12 +195,11 @@ def cmd_run(args) -> int:
     failures = 0
     for i, path in enumerate(args.images):
         try:
-            image = load_image(path)
-        except InputError as e:
+            image, faces = faces_of(pipe, path, args.max_pixels)
+        except KpfaceError as e:
             say(f"error: {e}")
             failures += 1
             continue
-        faces = pipe(image)
         results[str(path)] = [f.to_dict(embedding=True) for f in faces]
         if not faces:
             say(f"{path}: no faces found")
@@ -211,7 +218,8 @@ def cmd_run(args) -> int:
                                "images": results})
         say(f"wrote {args.json}")
     if failures:
-        raise InputError(f"{failures} of {len(args.images)} image(s) could not be read")
+        raise InputError(f"{failures} of {len(args.images)} image(s) could not be read; "
+                         f"results for the other {len(args.images) - failures}")
     return 0
 
 
@@ -220,7 +228,7 @@ def cmd_compare(args) -> int:
     pipe = _pipeline(args)
     faces = []
     for path in (args.image_a, args.image_b):
-        found = pipe(load_image(path))
+        found = pipe(load_image(path, max_pixels=args.max_pixels))
         if not found:
             raise InputError(f"{path}: no face found, nothing to compare")
         if len(found) > 1:
@@ -284,7 +292,9 @@ def cmd_info(args) -> int:
     print(json.dumps({**{k: m[k] for k in keep if k in m}, "weights": weights_of(m)}, indent=2))
     builds = Path(args.model_dir) / "builds"
     if builds.is_dir():
-        print("builds: " + ", ".join(sorted(p.name for p in builds.iterdir() if p.is_dir())))
+        names = sorted(p.name for p in builds.iterdir()
+                       if p.is_dir() and not p.name.startswith("."))  # staging dirs are not builds
+        print("builds: " + (", ".join(names) or "none"))
     return 0
 
 
@@ -325,6 +335,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--option", action="append", metavar="NAME=VALUE",
                    help="an export option of the architecture (repeatable), e.g. "
                    "sampling=gather for part_fvit; `--list` shows what each accepts")
+    e.add_argument("--force", action="store_true",
+                   help="replace a model whose builds/ were made from another graph (they are "
+                   "dropped); without it such a re-export is refused. Builds of an unchanged "
+                   "graph are always kept")
     e.add_argument("--list", action="store_true", help="list the architectures of TASK and exit")
     e.set_defaults(func=cmd_export)
 
@@ -361,6 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--recognizer", metavar="NAME|DIR",
                         help="another recognizer than MODELS/recognizer: a folder of the models "
                         "directory (e.g. vit_kprpe_small) or a model directory")
+        add_detector_options(sp)
+        add_image_options(sp)
 
     r = sub.add_parser("run", help="detect, align and embed the faces of images")
     r.add_argument("images", nargs="+", metavar="IMAGE")
@@ -426,6 +442,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("nncf", "openvino", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not args.debug:
+        quiet_opencv()
     # coremltools warns about untested torch/scikit-learn versions and missing macOS libraries
     # on every import (and resets its logger's level when imported); kpface reports what
     # matters (prediction needs macOS) itself, so those records are filtered at the handler.

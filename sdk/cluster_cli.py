@@ -15,6 +15,8 @@ import sys
 import threading
 import time
 
+from .cli_images import add_detector_options
+
 log = logging.getLogger(__name__)
 
 LOCAL = "local"
@@ -109,7 +111,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = kserve.build_app(models, threads=args.threads, gallery=args.gallery,
                            replicas=args.replicas, max_batch_size=args.max_batch,
                            batch_wait_ms=args.batch_wait_ms, allow_random=args.allow_random,
-                           use_keypoints=not args.no_keypoints)
+                           use_keypoints=not args.no_keypoints, min_face=args.min_face,
+                           score=args.score)
     with ray_session(args.ray, progress=_say), _sigterm_as_interrupt():
         try:
             url = kserve.start(app, port=args.port)
@@ -164,6 +167,7 @@ def add_parsers(sub) -> None:
                    "requests that queued while it was busy)")
     s.add_argument("--no-keypoints", action="store_true",
                    help="use the detector's landmarks even if a keypoint model exists")
+    add_detector_options(s)
     s.set_defaults(func=cmd_serve)
 
     t = sub.add_parser("export-triton", help="write a Triton Inference Server model repository "

@@ -241,8 +241,12 @@ def build_app(models_dir: str, threads: int = 1, gallery: str | None = None,
               replicas: int = 1, cpus_per_replica: float | None = None,
               max_batch_size: int = 8, batch_wait_ms: float = 0.0,
               gallery_opener: str | Callable = GALLERY_OPENER, use_keypoints: bool = True,
-              allow_random: bool = False, **pipeline_options):
+              allow_random: bool = False, min_face: float | None = None,
+              score: float | None = None, **pipeline_options):
     """The bound application: the detector (HTTP ingress) in front of the recognizer.
+
+    ``min_face`` / ``score``: what the detector reports (None: its defaults; see
+    :mod:`kpface.models.mtcnn`).
 
     ``batch_wait_ms`` 0 batches what queued up while the recognizer was busy, and adds no
     wait to a lone request; a longer wait forms larger batches at a light load.
@@ -258,7 +262,7 @@ def build_app(models_dir: str, threads: int = 1, gallery: str | None = None,
     return Detector.options(**opts).bind(rec, models_dir, info, threads=threads,
                                          gallery_path=gallery, gallery_opener=gallery_opener,
                                          allow_random=allow_random, use_keypoints=use_keypoints,
-                                         **pipeline_options)
+                                         min_face=min_face, score=score, **pipeline_options)
 
 
 def check_address(host: str, port: int) -> None:
