@@ -59,7 +59,7 @@ from torch import nn
 
 from kpface.errors import CheckpointError
 
-from .part_fvit_cnn import LARGE, LandmarkTrunk, minmax_points
+from .part_fvit_cnn import LARGE, STEM_CHANNELS, LandmarkTrunk, minmax_points
 from .registry import ArchSpec, GraphSpec, TensorSpec, register
 
 log = logging.getLogger(__name__)
@@ -221,13 +221,16 @@ class PartFViT(nn.Module):
 
     def _tokens_gridsample(self, image: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
         s, p = self.cfg.side, self.cfg.patch_size
-        # Mosaic grid: block (r, s) of p x p holds landmark k = r*side + s (section 2.4).
-        grid = points.reshape(-1, s, 1, s, 1, 2) + self.patch_offsets
+        # Mosaic grid: block (r, s) of p x p holds landmark k = r*side + s (section 2.4). The
+        # batch and the block row r share one axis, so no tensor has more than 5 dimensions
+        # (Core ML's limit); values and float order are those of the reference.
+        grid = points.reshape(-1, 1, s, 1, 2) + self.patch_offsets  # [B*side, p, side, p, 2]
         grid = (grid / (self.cfg.img_size * 0.5) - 1).reshape(-1, s * p, s * p, 2)
         mosaic = F.grid_sample(image, grid, mode="bilinear", padding_mode="zeros",
                                align_corners=False)
-        return mosaic.reshape(-1, 3, s, p, s, p).permute(0, 2, 4, 3, 5, 1).reshape(
-            -1, s * s, self.cfg.patch_dim)
+        # [B, 3, 8r+a, 8s+b] -> [B*side (r), a, side (s), b*3 + c] -> token (r, s), (a, b, c).
+        blocks = mosaic.permute(0, 2, 3, 1).reshape(-1, p, s, 3 * p).permute(0, 2, 1, 3)
+        return blocks.reshape(-1, s * s, self.cfg.patch_dim)
 
     def _tokens_gather(self, image: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
         k, p, size = self.cfg.num_landmarks, self.cfg.patch_size, self.cfg.img_size
@@ -299,6 +302,10 @@ def _manifest(cfg: PartFViTConfig) -> dict:
     from kpface.landmarks import LANDMARK_ORDER
     return {
         "config": cfg.to_dict(),
+        # The trunk's layout, for analytic FLOP counts without the graph (kpface.bench.flops).
+        "landmark_cnn": {"stem": STEM_CHANNELS, "head": [LARGE[-1][2], 2 * cfg.num_landmarks],
+                         "blocks": [["kernel", "expansion", "out", "se", "act", "stride"]]
+                         + [list(b) for b in LARGE]},
         "preprocess": {"size": [cfg.img_size, cfg.img_size], "color": "RGB", "layout": "NCHW",
                        "mean": [127.5] * 3, "std": [127.5] * 3, "range": [-1.0, 1.0]},
         # The detector's five points only align the crop; the graph takes no keypoints.
