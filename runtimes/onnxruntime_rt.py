@@ -2,7 +2,8 @@
 
 * fp32: the exported ONNX file itself (copied into the build so the build is self-contained).
 * fp16: ``onnxruntime.transformers.float16.convert_float_to_float16`` with ``keep_io_types``;
-  LayerNormalization, Softmax and BatchNormalization (and ORT's default block list) stay fp32.
+  LayerNormalization, Softmax and BatchNormalization (and ORT's default block list) stay fp32,
+  and so does Part fViT's landmark path (:func:`.floatscope.landmark_path`).
 * int8: ``onnxruntime.quantization.quantize_static`` in QDQ format, uint8 activations and
   per-channel symmetric int8 weights, calibrated on face crops. Only Conv / MatMul / Gemm with a
   constant weight are quantized, so LayerNorm, Softmax, the residual Adds and the attention
@@ -146,7 +147,7 @@ def build(onnx_path: str | os.PathLike, out_dir: str | os.PathLike, precision: s
         info["method"] = "the exported fp32 ONNX graph"
     elif precision == "fp16":
         say("converting to fp16 (fp32 inputs/outputs; LayerNorm/Softmax/BatchNorm kept fp32)")
-        info.update(convert_fp16(onnx_path, out))
+        info.update(convert_fp16(onnx_path, out, options or {}))
     elif precision == "int8":
         if calibration is None:
             raise InputError("an int8 build needs calibration data")
@@ -158,7 +159,7 @@ def build(onnx_path: str | os.PathLike, out_dir: str | os.PathLike, precision: s
     return info
 
 
-def convert_fp16(src: Path, dst: Path) -> dict[str, Any]:
+def convert_fp16(src: Path, dst: Path, options: dict | None = None) -> dict[str, Any]:
     import onnx
     try:
         from onnxruntime.transformers.float16 import (DEFAULT_OP_BLOCK_LIST,
@@ -168,12 +169,18 @@ def convert_fp16(src: Path, dst: Path) -> dict[str, Any]:
                                 "pip install -U onnxruntime") from None
     block = sorted(set(DEFAULT_OP_BLOCK_LIST) | set(FP16_KEEP_FP32))
     model = onnx.load(str(src))
+    # Part fViT: the landmark CNN, min-max and sampling stay fp32 (fp16 spacing near 111 px is
+    # 0.06 px, and every point moves a patch; build option keep_landmarks_float).
+    landmarks = floatscope.landmark_scope(describe(model),
+                                          (options or {}).get("keep_landmarks_float", True))
     # It logs every initializer shared by fp32 and fp16 nodes (it keeps both copies) at INFO.
     with quiet("onnxruntime.transformers.float16"):
-        model16 = convert_float_to_float16(model, keep_io_types=True, op_block_list=block)
+        model16 = convert_float_to_float16(model, keep_io_types=True, op_block_list=block,
+                                           node_block_list=landmarks)
     onnx.save(model16, str(dst))
     return {"method": "onnxruntime.transformers.float16.convert_float_to_float16",
-            "keep_io_types": True, "fp32_op_types": FP16_KEEP_FP32}
+            "keep_io_types": True, "fp32_op_types": FP16_KEEP_FP32,
+            "fp32_nodes_landmarks": len(landmarks)}
 
 
 def describe(model) -> floatscope.Graph:
@@ -182,7 +189,8 @@ def describe(model) -> floatscope.Graph:
         inputs=tuple(i.name for i in model.graph.input),
         nodes=[floatscope.Node(n.name, n.op_type, tuple(n.input), tuple(n.output),
                                const=n.op_type == "Constant") for n in model.graph.node],
-        constants=frozenset(i.name for i in model.graph.initializer))
+        constants=frozenset(i.name for i in model.graph.initializer),
+        outputs={o.name: o.name for o in model.graph.output})
 
 
 def quantize_int8(src: Path, dst: Path, calibration, options: dict) -> dict[str, Any]:
@@ -190,7 +198,9 @@ def quantize_int8(src: Path, dst: Path, calibration, options: dict) -> dict[str,
 
     ``method`` (minmax | entropy | percentile), ``per_channel`` (True), ``activation``
     (uint8 | int8), ``exclude`` (extra node names), ``keep_kprpe_float`` (True),
-    ``quantize_attention`` (False: q.k and attn.v MatMuls stay float), ``quantize_outputs``
+    ``quantize_attention`` (False: q.k and attn.v MatMuls stay float), ``keep_landmarks_float``
+    (True: Part fViT's landmark CNN, min-max and sampling stay float; "head": all but the CNN
+    trunk), ``quantize_outputs``
     (False: MatMul outputs stay float, so ORT fuses DQ-MatMul into MatMulIntegerToFloat),
     ``preprocess`` (True: symbolic shape inference first).
 
@@ -219,6 +229,8 @@ def quantize_int8(src: Path, dst: Path, calibration, options: dict) -> dict[str,
     attention = ([] if options.get("quantize_attention", False)
                  else floatscope.activation_matmuls(graph))
     exclude += attention
+    landmark_nodes = floatscope.landmark_scope(graph, options.get("keep_landmarks_float", True))
+    exclude += landmark_nodes
     del model, graph
 
     class FaceReader(CalibrationDataReader):
@@ -270,5 +282,6 @@ def quantize_int8(src: Path, dst: Path, calibration, options: dict) -> dict[str,
             "calibration_method": method, "op_types": INT8_OP_TYPES,
             "attention_products": "int8" if options.get("quantize_attention") else "float",
             "float_nodes_kprpe": len(kprpe_nodes),
+            "float_nodes_landmarks": len(landmark_nodes),
             "float_matmuls": sorted(n for n in set(exclude) if op_type.get(n) in INT8_OP_TYPES),
             "quantize_linear_nodes": n_q, "dequantize_linear_nodes": n_dq}

@@ -4,8 +4,9 @@ Build: the ONNX parser fills a network; one optimisation profile covers the dyna
 (min 1, opt 8, max 32 by default; ``options["profile"] = (min, opt, max)``).
 
 * fp16: ``BuilderFlag.FP16`` with ``PREFER_PRECISION_CONSTRAINTS``; LayerNorm (``NORMALIZATION``
-  layers and the reduce / elementwise layers of an unfused LayerNorm), Softmax and the KP-RPE
-  path (layers that depend on the keypoints but not on the image) are pinned to fp32.
+  layers and the reduce / elementwise layers of an unfused LayerNorm), Softmax, the KP-RPE
+  path (layers that depend on the keypoints but not on the image) and Part fViT's landmark path
+  (:func:`.floatscope.landmark_path`: GridSample or the gather form) are pinned to fp32.
 * int8: ``BuilderFlag.INT8`` + FP16 with an ``IInt8EntropyCalibrator2`` over face crops; the same
   layers stay fp32. The calibration cache is written next to the builds
   (``MODEL_DIR/builds/tensorrt-int8-<key>.calib``, keyed by the ONNX file and the calibration
@@ -179,12 +180,17 @@ def describe(network, trt) -> floatscope.Graph:
         nodes.append(floatscope.Node(str(i), str(layer.type), ins, outs,
                                      const=layer.type == trt.LayerType.CONSTANT))
     return floatscope.Graph(tuple(network.get_input(i).name for i in range(network.num_inputs)),
-                            nodes)
+                            nodes, outputs={network.get_output(i).name: network.get_output(i).name
+                                            for i in range(network.num_outputs)})
 
 
 def _float_layers(network, trt) -> list:
-    """Layers pinned to fp32: LayerNorm, Softmax, and the KP-RPE path."""
-    kprpe = {int(i) for i in floatscope.kprpe_path(describe(network, trt))}
+    """Layers pinned to fp32: LayerNorm, Softmax, the KP-RPE path and Part fViT's landmark
+    path (head, min-max, sampling grid or gather, whichever sampling form was exported)."""
+    graph = describe(network, trt)
+    weights = {str(trt.LayerType.MATRIX_MULTIPLY), str(trt.LayerType.CONVOLUTION)}
+    kprpe = {int(i) for i in floatscope.kprpe_path(graph)}
+    kprpe |= {int(i) for i in floatscope.landmark_path(graph, weight_ops=weights)}
     fp32_types = {trt.LayerType.NORMALIZATION, trt.LayerType.SOFTMAX}
     keep = []
     for i in range(network.num_layers):
