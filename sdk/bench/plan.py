@@ -4,7 +4,8 @@ precision x batch, in run order, plus what was skipped and why.
 The models are rows of a table (:data:`DETECTOR`, :data:`KEYPOINTS`, :data:`RECOGNIZERS`): a
 folder of the models directory, the stage its rows belong to, how a bench process calls it
 (:data:`kpface.bench.calls.KINDS`) and which inputs feed it (:mod:`kpface.bench.inputs`).
-Another recognizer is one more :class:`ModelSpec` in :data:`RECOGNIZERS`.
+Another recognizer is one more :class:`ModelSpec` in :data:`RECOGNIZERS`; recognizers of a run
+(``models_dir/recognizers/*``, ``--recognizer DIR``) come from :func:`extra_recognizers`.
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ class ModelSpec:
     batched: bool = False  # measured at every recognizer batch, else at batch 1
     optional: str = ""    # why a missing folder is fine; "" means it is needed
     pipeline: bool = True  # part of the end-to-end pipeline (looked at for stage e2e too)
+    path: str | None = None  # the model directory when it is not models_dir/folder
 
 
 DETECTOR = ModelSpec("detector", "detector", "detect", "detector", "scene")
@@ -42,6 +44,35 @@ KEYPOINTS = ModelSpec("keypoints", "keypoints", "keypoints", "keypoints", "scene
 RECOGNIZER = ModelSpec("recognizer", "recognizer", "embed", "session", "faces", batched=True)
 # The first is the pipeline's recognizer (reference of the ratios); others get plain rows.
 RECOGNIZERS: tuple[ModelSpec, ...] = (RECOGNIZER,)
+
+
+EXTRA_DIR = "recognizers"  # models_dir/recognizers/<name>/: more recognizers to measure
+
+
+def extra_recognizers(s: Settings) -> tuple[ModelSpec, ...]:
+    """The recognizers measured beside ``recognizer/``: every model directory under
+    ``models_dir/recognizers/`` (label ``recognizers/<name>``), then ``s.recognizers``
+    (label: the manifest's arch, made unique), each once and never ``recognizer/`` itself."""
+    found: list[tuple[str, Path]] = []
+    sub = s.models_dir / EXTRA_DIR
+    if sub.is_dir():
+        found += [(f"{EXTRA_DIR}/{d.name}", d) for d in sorted(sub.iterdir())
+                  if manifest_or_none(d) is not None]
+    for d in s.recognizers:
+        arch = str((manifest_or_none(d, "recognizer") or {}).get("arch") or d.name)
+        label, i = arch, 2
+        while label in {lb for lb, _ in found} | {RECOGNIZER.folder}:
+            label, i = f"{arch}-{i}", i + 1
+        found.append((label, d))
+    seen = {(s.models_dir / RECOGNIZER.folder).resolve()}
+    specs = []
+    for label, d in found:
+        if d.resolve() in seen:
+            continue
+        seen.add(d.resolve())
+        specs.append(ModelSpec(label, "recognizer", "embed", "session", "faces", batched=True,
+                               pipeline=False, path=str(d)))
+    return tuple(specs)
 
 
 @dataclass(frozen=True)
@@ -103,6 +134,7 @@ class Plan:
     torch: tuple[bool, str] | None = None    # can torch eager run here (embed stage only)
     scene: str | None = None                 # input keys (kpface.bench.inputs)
     faces: str | None = None
+    recognizers: list[str] = field(default_factory=list)  # labels of extra recognizers
 
 
 class _Planner:
@@ -131,7 +163,8 @@ class _Planner:
         """The model folder of ``spec`` if the run needs it and it is there."""
         if not (self.wanted(spec) or (spec.pipeline and "e2e" in self.s.stages)):
             return None
-        root, d = self.s.models_dir, self.s.models_dir / spec.folder
+        root = self.s.models_dir
+        d = Path(spec.path) if spec.path else root / spec.folder
         man = manifest_or_none(d, spec.task)
         if man is None:
             if not spec.optional:
@@ -220,8 +253,10 @@ class _Planner:
                     plan.configs.append(self.config("embed", "recognizer", rec.dir,
                                                     rec.manifest, Entry("torch", "fp32"), b,
                                                     "torch", plan.faces))
-        for spec in RECOGNIZERS[1:]:
+        for spec in RECOGNIZERS[1:] + extra_recognizers(s):
             self.single(spec)
+            if spec.folder in self.found:
+                plan.recognizers.append(spec.folder)
 
     def e2e(self) -> None:
         """FacePipeline on the scene, per recognizer build, with the detector (and keypoint

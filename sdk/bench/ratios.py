@@ -101,8 +101,39 @@ def ort_vs_torch(rows: list[dict], plan: Plan, s: Settings) -> Entries:
                           or "no torch row"})}}
 
 
+def other_recognizers(rows: list[dict], plan: Plan, s: Settings) -> Entries:
+    """For each recognizer measured beside ``recognizer/`` (label L): ``latency_vs_recognizer:L``
+    = L's p50 / recognizer's p50 (ONNX Runtime fp32, per batch) and ``int8_speedup_RT:L`` = L's
+    fp32 p50 / int8 p50 on each runtime with an L int8 row, at batch 8 (or the largest)."""
+    big = 8 if 8 in s.batches else max(s.batches)
+    out: Entries = {}
+    for label in plan.recognizers:
+        by_batch = {str(b): _ratio(
+            p50(rows, stage="embed", model=label, runtime="onnxruntime", precision="fp32",
+                batch=b),
+            p50(rows, stage="embed", model="recognizer", runtime="onnxruntime",
+                precision="fp32", batch=b)) for b in s.batches}
+        ok = any(v is not None for v in by_batch.values())
+        out[f"latency_vs_recognizer:{label}"] = {
+            "status": "ok" if ok else "skipped", "by_batch": by_batch,
+            "numerator": label, "denominator": "recognizer",
+            "definition": f"p50 of {label} / p50 of recognizer, ONNX Runtime fp32",
+            **({} if ok else {"reason": "a latency of the pair is missing (see errors)"})}
+        for rt in sorted({r["runtime"] for r in rows if r.get("model") == label
+                          and r.get("precision") == "int8"}):
+            fp32 = p50(rows, stage="embed", model=label, runtime=rt, precision="fp32", batch=big)
+            int8 = p50(rows, stage="embed", model=label, runtime=rt, precision="int8", batch=big)
+            name = f"int8_speedup_{rt}:{label}"
+            out[name] = ({"status": "ok", "batch": big, "value": fp32 / int8,
+                          "definition": f"{label}: {rt} fp32 p50 / {rt} int8 p50"}
+                         if fp32 is not None and int8 is not None else
+                         {"status": "skipped",
+                          "reason": f"needs both {rt} fp32 and int8 of {label} at batch {big}"})
+    return out
+
+
 RATIOS: tuple[Callable[[list[dict], Plan, Settings], Entries], ...] = (
-    kprpe_overhead, int8_speedup, ort_vs_torch)
+    kprpe_overhead, int8_speedup, ort_vs_torch, other_recognizers)
 
 
 def ratios(rows: list[dict], plan: Plan, s: Settings) -> Entries:
