@@ -306,6 +306,7 @@ def without_gridsample(monkeypatch):
     for name in ("onnxruntime", "coreml"):
         table[name] = replace(table[name], lacks=("GridSample",))
     monkeypatch.setattr(engines, "_BY_NAME", table)
+    monkeypatch.setattr(engines, "ENGINES", tuple(table.values()))
     return table
 
 
@@ -391,3 +392,28 @@ def test_tensorrt_build_without_a_gpu_says_why(copy_of):
     with pytest.raises(EngineUnavailable) as e:
         build(copy_of("gather"), "tensorrt", "fp16", detector=None)
     assert "\n" not in str(e.value)
+
+
+def test_calibration_feeds_part_fvit_aligned_crops_and_no_keypoints():
+    """Part fViT's manifest: ArcFace-aligned 112x112 RGB crops in [-1, 1], graph input
+    ``image`` only. The feed equals the crop the pipeline's own alignment and normaliser make."""
+    import cv2
+
+    from kpface import samples
+    from kpface.align import crop_face
+    from kpface.export import registry
+    from kpface.preprocess import Normalizer
+    from kpface.runtimes.calibration import Augment, make_faceset
+    manifest = dict(registry.get("part_fvit").manifest, name="part_fvit")
+    faces = [("astronaut", samples.astronaut_bgr(), samples.ASTRONAUT_LANDMARKS)]
+    fs = make_faceset(faces, 1, np.random.default_rng(0), Augment.none(), manifest)
+    feeds = list(fs.feeds(["image"], batch=8))
+    assert len(feeds) == 1 and list(feeds[0]) == ["image"]
+    x = feeds[0]["image"]
+    assert x.shape == (1, 3, 112, 112) and x.dtype == np.float32 and -1 <= x.min() < x.max() <= 1
+    crop, _, _ = crop_face(samples.astronaut_bgr(), samples.ASTRONAUT_LANDMARKS, size=112,
+                           convention="aligned")
+    want = (cv2.cvtColor(crop, cv2.COLOR_BGR2RGB).astype(np.float32) - 127.5) / 127.5
+    # Calibration reflects the border where the pipeline paints it black: compare the inside.
+    np.testing.assert_allclose(x[0].transpose(1, 2, 0)[8:-8, 8:-8], want[8:-8, 8:-8], atol=1e-5)
+    assert Normalizer.from_manifest(manifest).size == (112, 112)
