@@ -203,8 +203,7 @@ class PartFViT(nn.Module):
         # the window steps and channel index of the gather form.
         self.register_buffer("patch_offsets", mosaic_offsets(cfg.patch_size), persistent=False)
         self.register_buffer("window_steps", window_steps(cfg.patch_size), persistent=False)
-        self.register_buffer("channel_index", torch.arange(3, dtype=torch.float32),
-                             persistent=False)
+        self.register_buffer("channel_index", torch.arange(3), persistent=False)
 
     def landmarks(self, image: torch.Tensor) -> torch.Tensor:
         """[B, K, 2] (x, y) in pixel-index units of the input, in [0, img_size - 1]."""
@@ -242,10 +241,11 @@ class PartFViT(nn.Module):
         fx, fy = (shifted - base).unbind(-1)  # [B, K]
         pos = base[..., None] + self.window_steps  # [B, K, 2, p+1], integer-valued pixels
         inside = ((pos >= 0) & (pos <= size - 1)).to(image.dtype)  # zero padding
-        pos = pos.clamp(0, size - 1)
-        # Flat channel-last index (row * size + col) * 3 + c; exact in float32 (< 2^24).
+        # Flat channel-last index (row * size + col) * 3 + c, in integers: computed in floats
+        # it is exact in fp32 but not in an fp16 build (spacing 32 at 37,000).
+        pos = pos.clamp(0, size - 1).to(torch.int64)
         index = (pos[:, :, 1, None, :, None] * (3 * size) + pos[:, :, 0, :, None, None] * 3
-                 + self.channel_index).to(torch.int64)  # [B, K, p+1 (x), p+1 (y), 3]
+                 + self.channel_index)  # [B, K, p+1 (x), p+1 (y), 3]
         flat = image.permute(0, 2, 3, 1).reshape(-1, 3 * size * size)
         win = torch.gather(flat, 1, index.reshape(-1, k * (p + 1) ** 2 * 3))
         win = win.reshape(-1, k, p + 1, p + 1, 3) * (
