@@ -176,7 +176,7 @@ def build(model_dir: str | os.PathLike, runtime: str, precision: str,
         record = write_manifest(tmp, record, files, name=BUILD_MANIFEST_NAME)
     lm = summary.get("landmarks")
     say(f"installed {dest} (cosine mean {summary['mean']:.5f}, min {summary['min']:.5f}"
-        + (f"; landmarks mean {lm['mean']:.3f} px, max {lm['max']:.3f} px" if lm else "")
+        + (f"; landmarks mean {lm['mean']:.3f} px, p99 {lm['p99']:.3f} px" if lm else "")
         + f"; gate {record['gate']})")
     return {**record, "dir": str(dest)}
 
