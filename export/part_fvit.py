@@ -37,9 +37,11 @@ Decisions on the open questions of the sheet (section 10):
 5-7. Paper-only content, the fine-tuning regulariser and layer-wise decay are training matters:
    nothing to decide for inference.
 8. Degenerate min-max (all 392 head outputs equal): every point goes to 0 instead of NaN (a
-   floored range, a no-op otherwise). fp16/int8 behaviour of the landmark path is measured by
-   the engine builds, not here.
-9. GridSample support per engine: both forms are exported and checked; the engine table picks.
+   floored range, a no-op otherwise). fp16/int8: measured on the engines (README, "LAFS Part
+   fViT"): int8 in the landmark CNN moves points by ~4 px, so builds keep the CNN, min-max and
+   sampling in float (``kpface.runtimes.floatscope.landmark_path``).
+9. GridSample support per engine: both forms are exported and checked; the engine table says
+   which engines lack GridSample (``lacks``) and ``kpface export --for RUNTIME`` picks the form.
 
 Test-time flip: the official evaluation sums the embeddings of the image and of its mirror.
 The manifest carries ``"mirror_sum": false``: one pass per face by default, because the sum
