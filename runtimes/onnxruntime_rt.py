@@ -189,8 +189,15 @@ def drop_fp16_round_trips(model) -> int:
     then Cast(to fp32): a lossy round trip (it moved Part fViT's fp32 landmark CNN by 0.15 px
     on average). Feed each such fp32 Cast's consumers the fp32 tensor itself and drop the
     Casts nothing reads any more. Returns how many round trips were removed."""
-    from onnx import TensorProto
+    from onnx import TensorProto, shape_inference
     g = model.graph
+    # Only a round trip that starts from an fp32 tensor is lossy (a model's own Cast of an
+    # integer tensor to float, made fp16, may feed an fp32 node too): element types from
+    # shape inference, graph inputs and initializers.
+    typed = shape_inference.infer_shapes(model).graph
+    elem = {v.name: v.type.tensor_type.elem_type
+            for v in list(typed.value_info) + list(typed.input) + list(typed.output)}
+    elem.update({i.name: i.data_type for i in g.initializer})
 
     def cast_to(node):
         return next((a.i for a in node.attribute if a.name == "to"), None) \
@@ -201,7 +208,8 @@ def drop_fp16_round_trips(model) -> int:
     for n in g.node:
         first = producer.get(n.input[0]) if n.op_type == "Cast" else None
         if not (cast_to(n) == TensorProto.FLOAT and first is not None
-                and cast_to(first) == TensorProto.FLOAT16):
+                and cast_to(first) == TensorProto.FLOAT16
+                and elem.get(first.input[0]) == TensorProto.FLOAT):
             continue
         if n.output[0] in outputs:  # a graph output keeps its name: an Identity of the fp32
             n.op_type, n.input[0] = "Identity", first.input[0]

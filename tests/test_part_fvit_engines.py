@@ -275,6 +275,8 @@ def test_builds_keep_the_landmark_path_float_and_gate_the_points(tiny, form, run
     lm = acc["landmarks"]
     assert lm["unit"] == "px" and lm["points"] == 196 and lm["gate"] == gates.LANDMARK_GATES[precision]
     assert 0 <= lm["mean"] <= lm["p99"] <= lm["gate"]["p99"] and lm["p99"] <= lm["max"]
+    if runtime == "onnxruntime":  # the landmark path runs in fp32 there: fp32's points
+        assert lm["max"] < 1e-3
     g = info["graphs"]["model"]
     if precision == "int8":
         assert g["float_nodes_landmarks"] > 5
