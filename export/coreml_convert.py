@@ -50,6 +50,7 @@ from kpface.runtimes.engines import get_engine, quiet
 
 log = logging.getLogger(__name__)
 
+FROM_TORCH = True  # kpface.runtimes.build: this builder picks its own export options
 FP32_OPS = ("layer_norm", "softmax")     # MIL op types kept fp32 in fp16 programs
 WEIGHT_THRESHOLD = 2048                  # smaller weights stay fp16 (coremltools' default)
 # torch parameters kept in float in int8 builds: the KP-RPE keypoint linear (whose rows are
@@ -99,8 +100,14 @@ def torch_model(manifest: dict, model_dir: str | os.PathLike,
     arch = manifest.get("arch")
     source = manifest.get("source", {}) or {}
     stored = manifest.get("torch_weights")
-    # Export-time choices (Part fViT's sampling form) shape the module: rebuild it the same way.
-    opts = manifest.get("export_options") or None
+    # Export-time choices (Part fViT's sampling form) shape the module: rebuild it the same way,
+    # except where the engine table says Core ML lacks an op that an option avoids.
+    from kpface.export import registry
+    from kpface.runtimes.engines import export_options_for
+    needed = export_options_for("coreml", registry.get(arch).options)
+    opts = {**(manifest.get("export_options") or {}), **needed} or None
+    if needed:
+        log.info("Core ML lacks ops of this export; converting with %s", needed)
     if stored:
         path = verified_file(model_dir, manifest, stored)
         _, model, _ = build_model(arch, weights=path, options=opts)
@@ -115,7 +122,6 @@ def torch_model(manifest: dict, model_dir: str | os.PathLike,
                              f"(its manifest records sha256 {str(expected)[:12]}...)")
         _, model, _ = build_model(arch, weights=weights, options=opts)
         return model.eval(), str(weights)
-    from kpface.export import registry
     from kpface.weights import is_random
     if not is_random(manifest) and registry.get(arch).packaged_weights is not None:
         _, model, _ = build_model(arch, options=opts)
@@ -284,6 +290,7 @@ def build(onnx_path: str | os.PathLike, out_dir: str | os.PathLike, precision: s
             "weights_from": weights_from, "weights_option": options.get("weights"),
             "torch_vs_onnx_cosine": cos,
             "batch_sizes": list(batches), "minimum_deployment_target": TARGET,
+            **({"sampling": module.sampling} if hasattr(module, "sampling") else {}),
             "compute_precision": "fp32" if precision == "fp32" else
             f"fp16 ({', '.join(FP32_OPS)} in fp32)",
             "weights": {"fp32": "fp32", "fp16": "fp16",

@@ -36,7 +36,7 @@ from kpface.manifest import (BUILD_MANIFEST_NAME, MANIFEST_NAME, load_manifest, 
 
 from . import gates
 from .calibration import Detect, image_feeds, recognizer_data
-from .engines import Session, get_engine
+from .engines import Session, check_graph_ops, get_engine
 from .onnxruntime_rt import OrtSession
 from .session import build_dir
 
@@ -85,6 +85,11 @@ def build(model_dir: str | os.PathLike, runtime: str, precision: str,
     builder = engine.require(device, purpose="build")
     task = manifest.get("task")
     graphs = manifest.get("graphs", {})
+    if engine.lacks and not getattr(builder, "FROM_TORCH", False):
+        # An engine without an op the graph uses (GridSample): refused before any work; a
+        # builder that rebuilds from torch chooses the export options itself.
+        for g in graphs.values():
+            check_graph_ops(runtime, _op_types(model_dir / g["file"]), manifest)
     if task != "recognizer" and precision == "int8":
         raise InputError(f"int8 builds are made for recognizers only so far; {model_dir} is a "
                          f"{task}: build it at fp32 or fp16")
@@ -128,7 +133,10 @@ def build(model_dir: str | os.PathLike, runtime: str, precision: str,
             cand = _gate_session(engine, builder, tmp, info, threads, device, manifest,
                                  model_dir, gname)
             if task == "recognizer":
-                acc = gates.embedding_agreement(ref, cand, data.heldout)
+                dense = manifest.get("landmarks")  # Part fViT's points: gated too
+                acc = gates.embedding_agreement(
+                    ref, cand, data.heldout,
+                    landmarks=dense.get("output") if isinstance(dense, dict) else None)
                 acc["inputs"] = (f"{len(data.heldout)} held-out aligned face crops "
                                  f"({', '.join(data.description['sources'])})")
                 if verify is not None:
@@ -192,8 +200,10 @@ def build(model_dir: str | os.PathLike, runtime: str, precision: str,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         record = write_manifest(tmp, record, files, name=BUILD_MANIFEST_NAME)
-    say(f"installed {dest} (cosine mean {summary['mean']:.5f}, min {summary['min']:.5f}; "
-        f"gate {record['gate']})")
+    lm = summary.get("landmarks")
+    say(f"installed {dest} (cosine mean {summary['mean']:.5f}, min {summary['min']:.5f}"
+        + (f"; landmarks mean {lm['mean']:.3f} px, p99 {lm['p99']:.3f} px" if lm else "")
+        + f"; gate {record['gate']})")
     if simulated:
         log.warning("%s %s build of %s: gate simulated, not measured on %s itself (%s)",
                     runtime, precision, model_dir.name, runtime, summary.get("method"))
@@ -204,6 +214,16 @@ def _close(session) -> None:
     close = getattr(session, "close", None)
     if close is not None:
         close()
+
+
+def _op_types(onnx_path: Path) -> set[str]:
+    """The op types of an ONNX graph (empty, with a log line, without the onnx package)."""
+    try:
+        import onnx
+    except ImportError:
+        log.info("onnx is not installed: %s is built without checking its ops", onnx_path.name)
+        return set()
+    return {n.op_type for n in onnx.load(str(onnx_path), load_external_data=False).graph.node}
 
 
 def _gate_session(engine, builder, build_path: Path, info: dict, threads, device, manifest,

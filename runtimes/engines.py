@@ -149,6 +149,12 @@ class Engine:
     options: tuple[tuple[str, str], ...]  # (build option key, one-line meaning)
     status: str                    # what has really run: "tested here", "untested", ...
     notes: str = ""
+    # ONNX ops this engine cannot run: a build of a graph with one is refused before any work,
+    # naming the export option that avoids it (:data:`AVOIDS`), and ``kpface export --for``
+    # this engine chooses that option. ``ops`` says how the engine runs the ops that differ
+    # between engines (GridSample, for Part fViT's sampling forms) and what backs that.
+    lacks: tuple[str, ...] = ()
+    ops: str = ""
 
     def load_adapter(self) -> ModuleType:
         """The module that loads and runs this engine's builds."""
@@ -229,6 +235,8 @@ ENGINES: tuple[Engine, ...] = (
             ("weights", "int8 weight type: uint8 or int8 (default uint8 on x86 without VNNI)"),
             ("exclude", "extra node names kept in float (a list)"),
             ("keep_kprpe_float", "keep the KP-RPE keypoint path in float (default true)"),
+            ("keep_landmarks_float", "Part fViT's landmark CNN, min-max and sampling in "
+                                     "float: true (default), head (not the CNN) or false"),
             ("quantize_attention", "quantize the q.k and attn.v MatMuls too (default false)"),
             ("quantize_outputs", "op types whose outputs are quantized too: a list, true or "
                                  "false (default [\"Conv\"]: QLinearConv)"),
@@ -239,7 +247,8 @@ ENGINES: tuple[Engine, ...] = (
                               "them float)"),
         ),
         status="tested here (cpu; cuda untested)",
-        notes="the fp32 model.onnx needs no build"),
+        notes="the fp32 model.onnx needs no build",
+        ops="GridSample: CPU kernel (tested here); CUDA kernel 4-D (untested)"),
     Engine(
         "openvino", "OpenVINO", ".xml", "openvino",
         adapter="kpface.runtimes.openvino_rt", builder="kpface.runtimes.openvino_rt",
@@ -250,13 +259,16 @@ ENGINES: tuple[Engine, ...] = (
         options=(
             ("exclude", "extra op names NNCF leaves in float (a list)"),
             ("keep_kprpe_float", "keep the KP-RPE keypoint path in float (default true)"),
+            ("keep_landmarks_float", "Part fViT's landmark CNN, min-max and sampling in "
+                                     "float: true (default), head (not the CNN) or false"),
             ("quantize_attention", "quantize the attention products too (default false)"),
             ("smooth_quant", "SmoothQuant alpha for MatMuls (default -1: off)"),
             ("activation", "uint8 (default: NNCF preset MIXED) or int8 (preset PERFORMANCE)"),
             ("overflow_fix", "NNCF overflow fix: enable, first_layer_only or disable "
                              "(default enable on x86 without VNNI)"),
         ),
-        status="tested here (cpu; gpu, npu untested)"),
+        status="tested here (cpu; gpu, npu untested)",
+        ops="GridSample: GridSample-9 (tested here on CPU)"),
     Engine(
         "tensorrt", "TensorRT", ".engine", "tensorrt",
         adapter="kpface.runtimes.tensorrt_rt", builder="kpface.runtimes.tensorrt_rt",
@@ -272,7 +284,8 @@ ENGINES: tuple[Engine, ...] = (
                                   "was calibrated on the same model and crops (default true)"),
         ),
         status="untested (never run: no NVIDIA GPU with TensorRT here)",
-        notes="an engine runs only on the GPU model and TensorRT version it was built with"),
+        notes="an engine runs only on the GPU model and TensorRT version it was built with",
+        ops="GridSample: IGridSampleLayer, 4-D (TensorRT >= 8.5; untested)"),
     Engine(
         "coreml", "Core ML", ".mlpackage", "coremltools",
         adapter="kpface.runtimes.coreml_rt", builder="kpface.export.coreml_convert",
@@ -286,10 +299,47 @@ ENGINES: tuple[Engine, ...] = (
                         "directory holds no weights.safetensors (sha256 must match)"),
         ),
         status="converts here (tested); predicts on macOS only (untested)",
-        notes="converts on Linux, predicts only on macOS"),
+        notes="converts on Linux, predicts only on macOS",
+        ops="GridSample: MIL resample (iOS 16 / macOS 13; converts here, prediction "
+            "untested); tensors of rank <= 5 only"),
 )
 
 _BY_NAME = {e.name: e for e in ENGINES}
+
+# The export option that avoids an op an engine lacks: op -> (option, value). Part fViT's
+# ``gather`` form samples its 196 patches with GatherElements instead of GridSample.
+AVOIDS: dict[str, tuple[str, str]] = {"GridSample": ("sampling", "gather")}
+
+
+def export_options_for(runtime: str, accepted: dict[str, tuple[str, ...]]) -> dict[str, str]:
+    """The export options an architecture (``accepted``: its ``ArchSpec.options``) needs to run
+    on ``runtime``: for each op the engine lacks, the option that avoids it, when the
+    architecture has that option. ``{}`` when nothing needs changing."""
+    out = {}
+    for op in get_engine(runtime).lacks:
+        key, value = AVOIDS.get(op, (None, None))
+        if key in accepted and value in accepted[key]:
+            out[key] = value
+    return out
+
+
+def check_graph_ops(runtime: str, ops, manifest: dict | None = None) -> None:
+    """:class:`InputError` when the graph (its op types ``ops``) uses an op ``runtime`` lacks,
+    saying how to re-export it without that op when the architecture can."""
+    engine = get_engine(runtime)
+    missing = [op for op in engine.lacks if op in set(ops)]
+    if not missing:
+        return
+    m = manifest or {}
+    op = missing[0]
+    key, value = AVOIDS.get(op, (None, None))
+    if key is not None and key in (m.get("export_options") or {}):
+        fix = (f"re-export it with `kpface export {m.get('task', 'recognizer')} --arch "
+               f"{m.get('arch')} --for {runtime}` (export option {key}={value} has no {op})")
+    else:
+        fix = "run it on an engine that has the op (`kpface engines`)"
+    raise InputError(f"{engine.title} has no {op}, which {m.get('name') or 'this model'} "
+                     f"uses; {fix}")
 
 
 def engine_names() -> list[str]:
@@ -312,19 +362,25 @@ def availability(device: str | None = None) -> dict[str, tuple[bool, str]]:
 def markdown_table(check: bool = False) -> str:
     """The table as Markdown, for the README (``check`` adds an 'here' column)."""
     head = ["runtime", "file", "precisions", "devices", "built from", "build options", "status",
-            "install"]
+            "ops", "install"]
     if check:
         head.append("here")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for e in ENGINES:
         cells = [f"`{e.name}`", f"`{e.suffix}`", ", ".join(e.precisions), ", ".join(e.devices),
                  e.builds_from, ", ".join(f"`{k}`" for k in e.option_keys) or "none", e.status,
-                 f"`{e.install.split('  (')[0]}`"]
+                 _ops_cell(e), f"`{e.install.split('  (')[0]}`"]
         if check:
             ok, why = e.available()
             cells.append("yes" if ok else f"no: {why}")
         lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
     return "\n".join(lines)
+
+
+def _ops_cell(e: Engine) -> str:
+    lacks = [f"no {op}: export with {'='.join(AVOIDS[op])}" if op in AVOIDS else f"no {op}"
+             for op in e.lacks]
+    return "; ".join(lacks + ([e.ops] if e.ops else [])) or "-"
 
 
 def help_text() -> str:

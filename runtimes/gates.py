@@ -2,6 +2,9 @@
 
 * recognizers: cosine of the embeddings on held-out aligned face crops (see
   :mod:`kpface.runtimes.calibration`), gated on the mean and the minimum (:data:`GATES`);
+  a recognizer with a dense landmark output (Part fViT's 196 points, which choose the patches
+  it embeds) is also gated on the distance of its points from fp32's, in pixels of the
+  network input (:data:`LANDMARK_GATES`);
 * detectors and keypoint models (fp32 / fp16 only so far): cosine of every raw output on real
   images resized to each graph's input, gated on the worst output (:data:`OUTPUT_GATES`);
 * detectors also: the same faces found by the fp32 and the candidate detector on real photos,
@@ -31,6 +34,16 @@ GATES: dict[str, dict[str, float]] = {
     "fp16": {"mean": 0.999, "min": 0.99},
     "int8": {"mean": 0.99, "min": 0.97},
 }
+# Dense landmarks of a recognizer (Part fViT) vs fp32, pixels of the network input: mean and
+# 99th percentile of the per-point distance over held-out crops (the max is reported, not
+# gated: one point of 12,544 is noise). A point that moves moves its whole patch; the
+# embedding gate says what that costs, these catch the landmark CNN going wrong (an int8 CNN
+# moved points by 3.7 px on average and 35 px at p99).
+LANDMARK_GATES: dict[str, dict[str, float]] = {
+    "fp32": {"mean": 0.01, "p99": 0.05},
+    "fp16": {"mean": 0.25, "p99": 1.5},
+    "int8": {"mean": 1.0, "p99": 4.0},
+}
 # Detector / keypoint graphs: minimum cosine of each raw output (worst output, worst image).
 OUTPUT_GATES: dict[str, float] = {"fp32": 0.9999, "fp16": 0.999}
 # Detector builds must find the same faces as fp32: matched boxes with IoU >= 0.9, landmarks
@@ -53,16 +66,36 @@ def gate_for(task: str | None, precision: str) -> dict[str, float]:
 
 
 def embedding_agreement(ref: Session, cand: Session, faces, batch: int = 8,
-                        output: str = "embedding") -> dict[str, Any]:
-    """Cosine of ``cand``'s embeddings against ``ref``'s on ``faces`` (a FaceSet)."""
+                        output: str = "embedding", landmarks: str | None = None
+                        ) -> dict[str, Any]:
+    """Cosine of ``cand``'s embeddings against ``ref``'s on ``faces`` (a FaceSet); with
+    ``landmarks`` (the name of a dense landmark output, [B, K, 2] pixels), also the distance
+    of ``cand``'s points from ``ref``'s (:func:`landmark_error`) under ``"landmarks"``."""
     names = [n for n in ref.input_names]
-    a, b = [], []
+    a, b, pa, pb = [], [], [], []
     for feeds in faces.feeds(names, batch):
-        a.append(ref.run(feeds)[output])
-        b.append(cand.run(feeds)[output])
+        r, c = ref.run(feeds), cand.run(feeds)
+        a.append(r[output])
+        b.append(c[output])
+        if landmarks:
+            pa.append(r[landmarks])
+            pb.append(c[landmarks])
     cos = row_cosines(np.concatenate(a), np.concatenate(b))
-    return {"n": int(len(cos)), "mean": float(cos.mean()), "min": float(cos.min()),
-            "p01": float(np.percentile(cos, 1))}
+    out = {"n": int(len(cos)), "mean": float(cos.mean()), "min": float(cos.min()),
+           "p01": float(np.percentile(cos, 1))}
+    if landmarks:
+        out["landmarks"] = landmark_error(np.concatenate(pa), np.concatenate(pb))
+    return out
+
+
+def landmark_error(ref: np.ndarray, cand: np.ndarray) -> dict[str, Any]:
+    """Euclidean distance of each of ``cand``'s points [N, K, 2] from ``ref``'s, in the
+    points' own units (pixels of the network input): mean, 99th percentile and max over all
+    points of all inputs, and the worst input's mean."""
+    d = np.linalg.norm(np.asarray(cand, np.float64) - np.asarray(ref, np.float64), axis=-1)
+    return {"unit": "px", "points": int(d.shape[-1]), "mean": float(d.mean()),
+            "p99": float(np.percentile(d, 99)), "max": float(d.max()),
+            "worst_input_mean": float(d.mean(axis=-1).max())}
 
 
 def output_agreement(ref: Session, cand: Session, feeds_list: list[dict]) -> dict[str, Any]:
@@ -147,6 +180,12 @@ def decide(task: str | None, precision: str, accuracy: dict[str, dict[str, Any]]
     worst = min(accuracy.values(), key=lambda a: a["min"])
     passed = all(a["min"] >= gate["min"] and a["mean"] >= gate.get("mean", -1)
                  for a in accuracy.values())
+    lm_gate = LANDMARK_GATES[precision]
+    for a in accuracy.values():
+        lm = a.get("landmarks")
+        if lm is not None:
+            lm["gate"] = dict(lm_gate)
+            passed = passed and lm["mean"] <= lm_gate["mean"] and lm["p99"] <= lm_gate["p99"]
     if detections is not None:
         passed = passed and detections["missed"] == 0 and detections["extra"] == 0 \
             and detections["iou_min"] >= DETECTION_GATES["iou_min"] \
@@ -173,6 +212,11 @@ def figures(summary: dict[str, Any]) -> str:
     text = (f"cosine vs fp32 mean {summary['mean']:.5f} (gate >= {gate.get('mean', 0):g}), "
             f"min {summary['min']:.5f} (gate >= {gate['min']:g}) on {summary['n']} held-out "
             "inputs")
+    lm = summary.get("landmarks")
+    if lm is not None:
+        g = lm["gate"]
+        text += (f"; landmarks vs fp32 mean {lm['mean']:.3f} px (gate <= {g['mean']:g}), p99 "
+                 f"{lm['p99']:.3f} px (gate <= {g['p99']:g}), max {lm['max']:.3f} px")
     det = summary.get("detections")
     if det is not None:
         text += (f"; detections: {det['missed']} missed, {det['extra']} extra, box IoU min "

@@ -2,7 +2,8 @@
 
 * fp32: the exported ONNX file itself (copied into the build so the build is self-contained).
 * fp16: ``onnxruntime.transformers.float16.convert_float_to_float16`` with ``keep_io_types``;
-  LayerNormalization, Softmax and BatchNormalization (and ORT's default block list) stay fp32.
+  LayerNormalization, Softmax and BatchNormalization (and ORT's default block list) stay fp32,
+  and so does Part fViT's landmark path (:func:`.floatscope.landmark_path`).
 * int8: ``onnxruntime.quantization.quantize_static`` in QDQ format, uint8 activations and
   per-channel symmetric int8 weights, calibrated on face crops. Only Conv / MatMul / Gemm with a
   constant weight are quantized (Conv with its output, so ORT fuses QLinearConv; MatMul / Gemm
@@ -166,7 +167,7 @@ def build(onnx_path: str | os.PathLike, out_dir: str | os.PathLike, precision: s
         info["method"] = "the exported fp32 ONNX graph"
     elif precision == "fp16":
         say("converting to fp16 (fp32 inputs/outputs; LayerNorm/Softmax/BatchNorm kept fp32)")
-        info.update(convert_fp16(onnx_path, out))
+        info.update(convert_fp16(onnx_path, out, options or {}))
     elif precision == "int8":
         if calibration is None:
             raise InputError("an int8 build needs calibration data")
@@ -178,7 +179,7 @@ def build(onnx_path: str | os.PathLike, out_dir: str | os.PathLike, precision: s
     return info
 
 
-def convert_fp16(src: Path, dst: Path) -> dict[str, Any]:
+def convert_fp16(src: Path, dst: Path, options: dict | None = None) -> dict[str, Any]:
     import onnx
     try:
         from onnxruntime.transformers.float16 import (DEFAULT_OP_BLOCK_LIST,
@@ -188,12 +189,64 @@ def convert_fp16(src: Path, dst: Path) -> dict[str, Any]:
                                 "pip install -U onnxruntime") from None
     block = sorted(set(DEFAULT_OP_BLOCK_LIST) | set(FP16_KEEP_FP32))
     model = onnx.load(str(src))
+    # Part fViT: the landmark CNN, min-max and sampling stay fp32 (fp16 spacing near 111 px is
+    # 0.06 px, and every point moves a patch; build option keep_landmarks_float).
+    landmarks = floatscope.landmark_scope(describe(model),
+                                          (options or {}).get("keep_landmarks_float", True))
     # It logs every initializer shared by fp32 and fp16 nodes (it keeps both copies) at INFO.
     with quiet("onnxruntime.transformers.float16"):
-        model16 = convert_float_to_float16(model, keep_io_types=True, op_block_list=block)
+        model16 = convert_float_to_float16(model, keep_io_types=True, op_block_list=block,
+                                           node_block_list=landmarks)
+    dropped = drop_fp16_round_trips(model16)
     onnx.save(model16, str(dst))
     return {"method": "onnxruntime.transformers.float16.convert_float_to_float16",
-            "keep_io_types": True, "fp32_op_types": FP16_KEEP_FP32}
+            "keep_io_types": True, "fp32_op_types": FP16_KEEP_FP32,
+            "fp32_nodes_landmarks": len(landmarks), "fp16_round_trips_removed": dropped}
+
+
+def drop_fp16_round_trips(model) -> int:
+    """Between two nodes it keeps in fp32, ``convert_float_to_float16`` inserts Cast(to fp16)
+    then Cast(to fp32): a lossy round trip (it moved Part fViT's fp32 landmark CNN by 0.15 px
+    on average). Feed each such fp32 Cast's consumers the fp32 tensor itself and drop the
+    Casts nothing reads any more. Returns how many round trips were removed."""
+    from onnx import TensorProto, shape_inference
+    g = model.graph
+    # Only a round trip that starts from an fp32 tensor is lossy (a model's own Cast of an
+    # integer tensor to float, made fp16, may feed an fp32 node too): element types from
+    # shape inference, graph inputs and initializers.
+    typed = shape_inference.infer_shapes(model).graph
+    elem = {v.name: v.type.tensor_type.elem_type
+            for v in list(typed.value_info) + list(typed.input) + list(typed.output)}
+    elem.update({i.name: i.data_type for i in g.initializer})
+
+    def cast_to(node):
+        return next((a.i for a in node.attribute if a.name == "to"), None) \
+            if node.op_type == "Cast" else None
+    producer = {o: n for n in g.node for o in n.output}
+    outputs = {o.name for o in g.output}
+    rename, n_out = {}, 0
+    for n in g.node:
+        first = producer.get(n.input[0]) if n.op_type == "Cast" else None
+        if not (cast_to(n) == TensorProto.FLOAT and first is not None
+                and cast_to(first) == TensorProto.FLOAT16
+                and elem.get(first.input[0]) == TensorProto.FLOAT):
+            continue
+        if n.output[0] in outputs:  # a graph output keeps its name: an Identity of the fp32
+            n.op_type, n.input[0] = "Identity", first.input[0]
+            del n.attribute[:]
+            n_out += 1
+        else:
+            rename[n.output[0]] = first.input[0]
+    for n in g.node:
+        n.input[:] = [rename.get(t, t) for t in n.input]
+    while True:  # drop Casts whose outputs nothing reads (the fp32 ones, then idle fp16 ones)
+        used = {t for n in g.node for t in n.input} | outputs
+        idle = [n for n in g.node if n.op_type == "Cast" and n.output[0] not in used]
+        if not idle:
+            break
+        for n in idle:
+            g.node.remove(n)
+    return len(rename) + n_out
 
 
 def describe(model) -> floatscope.Graph:
@@ -202,7 +255,8 @@ def describe(model) -> floatscope.Graph:
         inputs=tuple(i.name for i in model.graph.input),
         nodes=[floatscope.Node(n.name, n.op_type, tuple(n.input), tuple(n.output),
                                const=n.op_type == "Constant") for n in model.graph.node],
-        constants=frozenset(i.name for i in model.graph.initializer))
+        constants=frozenset(i.name for i in model.graph.initializer),
+        outputs={o.name: o.name for o in model.graph.output})
 
 
 def quantize_int8(src: Path, dst: Path, calibration, options: dict) -> dict[str, Any]:
@@ -210,7 +264,9 @@ def quantize_int8(src: Path, dst: Path, calibration, options: dict) -> dict[str,
 
     ``method`` (minmax | entropy | percentile), ``per_channel`` (True), ``activation``
     (uint8 | int8), ``exclude`` (extra node names), ``keep_kprpe_float`` (True),
-    ``quantize_attention`` (False: q.k and attn.v MatMuls stay float), ``quantize_outputs``
+    ``quantize_attention`` (False: q.k and attn.v MatMuls stay float), ``keep_landmarks_float``
+    (True: Part fViT's landmark CNN, min-max and sampling stay float; "head": all but the CNN
+    trunk), ``quantize_outputs``
     (``["Conv"]``: the op types whose outputs are quantized too; true = all, false = none),
     ``preprocess`` (True: symbolic shape inference first), ``op_types`` (Conv, MatMul, Gemm:
     the op types quantized; a ResNet may add Add, AveragePool, MaxPool, Relu, Pad),
@@ -252,6 +308,8 @@ def quantize_int8(src: Path, dst: Path, calibration, options: dict) -> dict[str,
     attention = ([] if options.get("quantize_attention", False)
                  else floatscope.activation_matmuls(graph))
     exclude += attention
+    landmark_nodes = floatscope.landmark_scope(graph, options.get("keep_landmarks_float", True))
+    exclude += landmark_nodes
     del model, graph
 
     class FaceReader(CalibrationDataReader):
@@ -305,5 +363,6 @@ def quantize_int8(src: Path, dst: Path, calibration, options: dict) -> dict[str,
             "attention_products": "int8" if options.get("quantize_attention") else "float",
             "quantized_outputs": quantized_outputs,
             "float_nodes_kprpe": len(kprpe_nodes),
+            "float_nodes_landmarks": len(landmark_nodes),
             "float_matmuls": sorted(n for n in set(exclude) if op_type.get(n) in INT8_OP_TYPES),
             "quantize_linear_nodes": n_q, "dequantize_linear_nodes": n_dq}

@@ -4,15 +4,16 @@ Build: the ONNX parser fills a network; one optimisation profile covers the dyna
 (min 1, opt 8, max 32 by default; ``options["profile"] = (min, opt, max)``).
 
 * fp16: ``BuilderFlag.FP16`` with ``PREFER_PRECISION_CONSTRAINTS``; LayerNorm (``NORMALIZATION``
-  layers and the reduce / elementwise layers of an unfused LayerNorm), Softmax and the KP-RPE
-  path (layers that depend on the keypoints but not on the image) are pinned to fp32.
+  layers and the reduce / elementwise layers of an unfused LayerNorm), Softmax, the KP-RPE
+  path (layers that depend on the keypoints but not on the image) and Part fViT's landmark path
+  (:func:`.floatscope.landmark_path`: GridSample or the gather form) are pinned to fp32.
 * int8: explicit quantization, not the implicit-int8 calibrator TensorRT 10 deprecates. The
   ONNX graph is calibrated on face crops and written with QuantizeLinear / DequantizeLinear
   pairs (``<graph>.qdq.onnx``, by :func:`kpface.runtimes.onnxruntime_rt.quantize_int8`: int8
   symmetric activations and per-channel weights, zero points 0, as TensorRT requires), on the
   inputs of Conv / MatMul / Gemm only, with the same float scope as the ONNX Runtime and
   OpenVINO builds: LayerNorm, Softmax, the residual Adds, the attention products (q.k,
-  attn.v) and the KP-RPE path carry no Q/DQ. The network is *strongly typed*: TensorRT runs
+  attn.v), the KP-RPE path and the landmark path carry no Q/DQ. The network is *strongly typed*: TensorRT runs
   in int8 exactly what the Q/DQ nodes say and everything else in the graph's own fp32, with no
   precision flags. The Q/DQ graph and ``<graph>.calib.json`` (its key and per-tensor scales)
   are the calibration cache: written into the staged build directory, hashed in build.json,
@@ -187,12 +188,17 @@ def describe(network, trt) -> floatscope.Graph:
         nodes.append(floatscope.Node(str(i), str(layer.type), ins, outs,
                                      const=layer.type == trt.LayerType.CONSTANT))
     return floatscope.Graph(tuple(network.get_input(i).name for i in range(network.num_inputs)),
-                            nodes)
+                            nodes, outputs={network.get_output(i).name: network.get_output(i).name
+                                            for i in range(network.num_outputs)})
 
 
 def _float_layers(network, trt) -> list:
-    """Layers pinned to fp32: LayerNorm, Softmax, and the KP-RPE path."""
-    kprpe = {int(i) for i in floatscope.kprpe_path(describe(network, trt))}
+    """Layers pinned to fp32: LayerNorm, Softmax, the KP-RPE path and Part fViT's landmark
+    path (head, min-max, sampling grid or gather, whichever sampling form was exported)."""
+    graph = describe(network, trt)
+    weights = {str(trt.LayerType.MATRIX_MULTIPLY), str(trt.LayerType.CONVOLUTION)}
+    kprpe = {int(i) for i in floatscope.kprpe_path(graph)}
+    kprpe |= {int(i) for i in floatscope.landmark_path(graph, weight_ops=weights)}
     fp32_types = {trt.LayerType.NORMALIZATION, trt.LayerType.SOFTMAX}
     keep = []
     for i in range(network.num_layers):

@@ -59,6 +59,8 @@ def cmd_export(args) -> int:
         if not sep or not name or not value:
             raise InputError(f"--option {item!r} is not NAME=VALUE (e.g. --option sampling=gather)")
         options[name] = value
+    if args.for_runtime:
+        options = _options_for(args.for_runtime, arch, args.task, options)
     manifest = export_model(arch, out, weights=weights, opset=args.opset,
                             strict=not args.no_strict, task=args.task, progress=say,
                             save_weights=args.save_weights, options=options, seed=args.seed,
@@ -80,6 +82,21 @@ def cmd_export(args) -> int:
         say(f"WARNING: {arch} was loaded non-strictly and is PARTIAL: {describe(manifest)}")
     print(f"next: kpface build {out} --runtime onnxruntime --precision int8")
     return 0
+
+
+def _options_for(runtime: str, arch: str, task: str, options: dict) -> dict:
+    """``options`` plus what the engine table says ``runtime`` needs (e.g. Part fViT's gather
+    sampling for an engine without GridSample); a contradicting ``--option`` is refused."""
+    from kpface.export.registry import get
+    from kpface.runtimes.engines import export_options_for
+    needed = export_options_for(runtime, get(arch, task).options)
+    for key, value in needed.items():
+        if options.get(key, value) != value:
+            raise InputError(f"--option {key}={options[key]} does not run on {runtime} (it "
+                             f"lacks an op that form uses); drop it or use {key}={value}")
+    if needed:
+        say(f"exporting for {runtime}: {', '.join(f'{k}={v}' for k, v in needed.items())}")
+    return {**options, **needed}
 
 
 # -- build ------------------------------------------------------------------------------------
@@ -265,7 +282,8 @@ def cmd_bench(args) -> int:
     from .pipeline import default_models_dir
     report = run_bench(args.models or default_models_dir(), args.out, runtimes=args.runtime,
                        precisions=args.precision, batches=tuple(args.batch),
-                       repeats=args.repeats, threads=args.threads, progress=say)
+                       repeats=args.repeats, threads=args.threads, progress=say,
+                       recognizers=args.recognizer or ())
     print(format_table(report))
     say(f"wrote {args.out}/report.md, report.json and the chart")
     return 0
@@ -339,6 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace a model whose builds/ were made from another graph (they are "
                    "dropped); without it such a re-export is refused. Builds of an unchanged "
                    "graph are always kept")
+    e.add_argument("--for", dest="for_runtime", choices=engines, metavar="RUNTIME",
+                   help="choose the export options RUNTIME needs from the engine table (e.g. "
+                   "part_fvit's gather sampling where an engine has no GridSample)")
     e.add_argument("--list", action="store_true", help="list the architectures of TASK and exit")
     e.set_defaults(func=cmd_export)
 
@@ -406,6 +427,9 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--batch", nargs="+", type=int, default=[1, 8], help="recognizer batches")
     be.add_argument("--repeats", type=int, default=30, help="timed runs per configuration")
     be.add_argument("--threads", type=int, default=2, help="engine threads (default 2)")
+    be.add_argument("--recognizer", action="append", metavar="DIR",
+                    help="another recognizer model directory to measure beside the models "
+                    "dir's recognizer/ (repeatable; MODELS/recognizers/*/ are measured too)")
     be.set_defaults(func=cmd_bench)
 
     d = sub.add_parser("demo", help="export default models, build engines, run on a sample photo, bench")

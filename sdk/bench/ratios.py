@@ -105,8 +105,28 @@ def ort_vs_torch(rows: list[dict], plan: Plan, s: Settings) -> Entries:
                           or "no torch row"})}}
 
 
+def other_recognizers(rows: list[dict], plan: Plan, s: Settings) -> Entries:
+    """For each recognizer measured beside ``recognizer/`` (label L): ``latency_vs_recognizer:L``
+    = L's p50 / recognizer's p50 (ONNX Runtime fp32, per batch). Its int8 speed-ups are
+    :func:`int8_speedup`'s ``int8_speedup_RT:L``."""
+    out: Entries = {}
+    for label in plan.recognizers:
+        by_batch = {str(b): _ratio(
+            p50(rows, stage="embed", model=label, runtime="onnxruntime", precision="fp32",
+                batch=b),
+            p50(rows, stage="embed", model="recognizer", runtime="onnxruntime",
+                precision="fp32", batch=b)) for b in s.batches}
+        ok = any(v is not None for v in by_batch.values())
+        out[f"latency_vs_recognizer:{label}"] = {
+            "status": "ok" if ok else "skipped", "by_batch": by_batch,
+            "numerator": label, "denominator": "recognizer",
+            "definition": f"p50 of {label} / p50 of recognizer, ONNX Runtime fp32",
+            **({} if ok else {"reason": "a latency of the pair is missing (see errors)"})}
+    return out
+
+
 RATIOS: tuple[Callable[[list[dict], Plan, Settings], Entries], ...] = (
-    kprpe_overhead, int8_speedup, ort_vs_torch)
+    kprpe_overhead, int8_speedup, ort_vs_torch, other_recognizers)
 
 
 def ratios(rows: list[dict], plan: Plan, s: Settings) -> Entries:
