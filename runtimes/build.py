@@ -17,8 +17,8 @@ stand-in was measured instead (Core ML on Linux), a build within its gate is rec
 
 Detectors are the caller's: a recognizer's calibration faces come from a ``detect`` callable
 (or known landmarks without one), and a detector build's detection gate from a
-``make_detector`` factory (see :func:`kpface.cli.calibration_detector` and
-:func:`kpface.cli.detector_factory`, which ``kpface build`` uses).
+``make_detector`` factory (see :func:`kpface.export_cli.calibration_detector` and
+:func:`kpface.export_cli.detector_factory`, which ``kpface build`` uses).
 """
 from __future__ import annotations
 
@@ -81,7 +81,7 @@ def build(model_dir: str | os.PathLike, runtime: str, precision: str,
     if detector is not None and not callable(detector):
         raise InputError(f"build() takes a detect(image) callable as detector, not "
                          f"{detector!r}; open a detector directory with "
-                         "kpface.cli.calibration_detector (as `kpface build --detector` does)")
+                         "kpface.export_cli.calibration_detector (as `kpface build --detector` does)")
     builder = engine.require(device, purpose="build")
     task = manifest.get("task")
     graphs = manifest.get("graphs", {})
@@ -100,7 +100,7 @@ def build(model_dir: str | os.PathLike, runtime: str, precision: str,
         raise InputError(f"{model_dir} is a {task}: verification accuracy gates recognizers")
     if task == "detector" and make_detector is None:
         raise InputError(f"{model_dir} is a detector: its gate compares detections, so build() "
-                         "needs make_detector (kpface.cli.detector_factory; `kpface build` "
+                         "needs make_detector (kpface.export_cli.detector_factory; `kpface build` "
                          "passes it)")
     key = builder.device_key(device)
     dest = build_dir(model_dir, runtime, precision, key)

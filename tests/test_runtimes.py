@@ -12,7 +12,7 @@ import pytest
 
 from kpface.errors import AccuracyGateError, EngineUnavailable, InputError, ModelError
 from kpface.runtimes import open_session
-from kpface.cli import calibration_detector, detector_factory
+from kpface.export_cli import calibration_detector, detector_factory
 from kpface.runtimes.build import build
 from kpface.runtimes.gates import GATES
 from kpface.runtimes.onnxruntime_rt import OrtSession
