@@ -288,7 +288,7 @@ def test_run_draw_shows_the_196_points(models_dir, exported, astronaut_png, tmp_
     code, out, err = kpface("run", astronaut_png, "--models", models, "--json",
                             tmp_path / "f.json", "--draw", tmp_path / "d.png")
     assert code == 0, err
-    face = json.loads((tmp_path / "f.json").read_text())[str(astronaut_png)][0]
+    face = json.loads((tmp_path / "f.json").read_text())["images"][str(astronaut_png)][0]
     points = np.array(face["dense_landmarks"])
     assert points.shape == (196, 2)
     x1, y1, x2, y2 = face["box"]
