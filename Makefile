@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.kpface-installed
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	# torch is pinned in setup.cfg (a looser spec may pull a multi-GB CUDA build).
-	$(PIP) install -q -e '.[export,openvino,coreml,bench,dev,cluster,triton,hub]'
+	$(PIP) install -q -e '.[export,openvino,coreml,bench,dev,cluster,triton,hub,gallery]'
 	# MTCNN's real weights ship inside the facenet-pytorch wheel; its own pins clash with
 	# ours and it imports torchvision, so it is installed without dependencies and never
 	# imported: kpface reads the three .pt files through importlib.metadata.

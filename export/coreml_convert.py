@@ -7,8 +7,12 @@ from
 
 1. ``weights.safetensors`` stored by ``export_model(..., save_weights=True)`` (listed in the
    manifest as ``torch_weights`` and hash-checked with the rest of the model directory);
-2. the source checkpoint (``source.path``), if it is still there with the sha256 recorded at export;
+2. the checkpoint the caller names with the build option ``weights`` (``kpface build
+   --option weights=PATH``), which must have the sha256 the manifest's ``source`` recorded;
 3. the weights an installed package ships for the architecture (``packaged_weights``).
+
+A path recorded in the manifest is never opened on the manifest's word: a model directory only
+makes kpface open files inside itself.
 
 A model exported with random weights and without ``save_weights`` cannot be converted (its
 random initialisation is not reproducible); the build says so. Before converting, the torch
@@ -18,11 +22,13 @@ Conversion: ``torch.jit.trace`` + ``coremltools.convert`` to an ``mlprogram`` wi
 inputs (``image``, ``keypoints``) and output (``embedding``), enumerated batch sizes (1 and 8
 by default, option ``batches``; several enumerated inputs need iOS 18 / macOS 15), fp32 or fp16
 compute precision (LayerNorm and softmax stay fp32), and for int8 ``coremltools.optimize.coreml.
-linear_quantize_weights`` (symmetric, per channel; activations stay fp16).
+linear_quantize_weights`` (symmetric, per channel; activations stay fp16) with the KP-RPE
+keypoint linear kept in float, as the other engines keep the KP-RPE path.
 
 Prediction needs macOS: where Core ML cannot predict, the build's accuracy gate measures a
 torch stand-in with the same weight rounding (fp16 / int8 per channel), computed in fp32
-(:func:`gate_session`); the build records that in its ``accuracy.method``.
+(:func:`gate_session`). That is a simulation, not a measurement: the build is recorded with
+``"gate": "simulated"`` (never ``"passed"``) and its ``accuracy.method`` says what stood in.
 
 The run side is reached through the engine table (``get_engine("coreml").load_adapter()``),
 so this module imports nothing of :mod:`kpface.runtimes` but the table.
@@ -44,8 +50,12 @@ from kpface.runtimes.engines import get_engine, quiet
 
 log = logging.getLogger(__name__)
 
+FROM_TORCH = True  # kpface.runtimes.build: this builder picks its own export options
 FP32_OPS = ("layer_norm", "softmax")     # MIL op types kept fp32 in fp16 programs
 WEIGHT_THRESHOLD = 2048                  # smaller weights stay fp16 (coremltools' default)
+# torch parameters kept in float in int8 builds: the KP-RPE keypoint linear (whose rows are
+# every block's relative-position bias table), as the ORT / OpenVINO / TensorRT builds keep it.
+FLOAT_PARAMETERS = ("keypoint_linear.",)
 TARGET = "macOS15"                       # several EnumeratedShapes inputs need iOS 18 / macOS 15
 
 
@@ -79,34 +89,50 @@ def versions() -> dict[str, str]:
 
 # --- the torch model -----------------------------------------------------------------------
 
-def torch_model(manifest: dict, model_dir: str | os.PathLike):
-    """(eval-mode torch module, where its weights came from) for ``manifest``'s arch."""
+def torch_model(manifest: dict, model_dir: str | os.PathLike,
+                weights: str | os.PathLike | None = None):
+    """(eval-mode torch module, where its weights came from) for ``manifest``'s arch;
+    ``weights``: a checkpoint the caller names (it must match the manifest's source)."""
     from kpface.export.onnx_export import build_model
-    from kpface.manifest import sha256_file
+    from kpface.manifest import sha256_file, verified_file
 
     model_dir = Path(model_dir)
     arch = manifest.get("arch")
     source = manifest.get("source", {}) or {}
     stored = manifest.get("torch_weights")
-    # Export-time choices (Part fViT's sampling form) shape the module: rebuild it the same way.
-    opts = manifest.get("export_options") or None
+    # Export-time choices (Part fViT's sampling form) shape the module: rebuild it the same way,
+    # except where the engine table says Core ML lacks an op that an option avoids.
+    from kpface.export import registry
+    from kpface.runtimes.engines import export_options_for
+    needed = export_options_for("coreml", registry.get(arch).options)
+    opts = {**(manifest.get("export_options") or {}), **needed} or None
+    if needed:
+        log.info("Core ML lacks ops of this export; converting with %s", needed)
     if stored:
-        path = model_dir / stored
+        path = verified_file(model_dir, manifest, stored)
         _, model, _ = build_model(arch, weights=path, options=opts)
         return model.eval(), str(path)
     ckpt = source.get("path")
-    if ckpt and Path(ckpt).is_file() and sha256_file(ckpt) == source.get("sha256"):
-        _, model, _ = build_model(arch, weights=ckpt, options=opts)
-        return model.eval(), str(ckpt)
-    from kpface.export import registry
+    if weights is not None:
+        if not Path(weights).is_file():
+            raise InputError(f"--option weights={weights}: no such checkpoint file")
+        expected = (manifest.get("weights") or {}).get("sha256") or source.get("sha256")
+        if sha256_file(weights) != expected:
+            raise ModelError(f"{weights} is not the checkpoint {model_dir} was exported from "
+                             f"(its manifest records sha256 {str(expected)[:12]}...)")
+        _, model, _ = build_model(arch, weights=weights, options=opts)
+        return model.eval(), str(weights)
     from kpface.weights import is_random
     if not is_random(manifest) and registry.get(arch).packaged_weights is not None:
         _, model, _ = build_model(arch, options=opts)
         return model.eval(), "packaged weights"
-    why = ("was exported with random weights" if is_random(manifest)
-           else f"records checkpoint {ckpt!r}, which is gone or changed")
-    raise ModelError(f"Core ML converts from torch and {model_dir} {why}; re-export it with "
-                     "export_model(..., save_weights=True) or with the checkpoint (--weights PATH)")
+    if is_random(manifest):
+        raise ModelError(f"Core ML converts from torch and {model_dir} was exported with random "
+                         "weights and without them; re-export it with --save-weights "
+                         "(export_model(..., save_weights=True))")
+    raise ModelError(f"Core ML converts from torch and {model_dir} holds no torch weights; pass "
+                     f"the checkpoint it was exported from ({ckpt or 'see its manifest'}) with "
+                     "--option weights=PATH, or re-export it with --save-weights")
 
 
 def _check_against_onnx(module, onnx_path: Path, graph: dict, batch: int = 2) -> float:
@@ -124,11 +150,13 @@ def _check_against_onnx(module, onnx_path: Path, graph: dict, batch: int = 2) ->
             feeds[spec["name"]] = rng.uniform(-1, 1, shape).astype(np.float32)
     with torch.no_grad():
         ref = module(*[torch.from_numpy(feeds[s["name"]]) for s in graph["inputs"]])
+    # Compared by name: the graph's first output is the one the torch module returns first.
+    name = graph["outputs"][0]["name"]
     ref = (ref if isinstance(ref, (tuple, list)) else (ref,))[0].numpy().ravel()
     opts = ort.SessionOptions()
     opts.intra_op_num_threads, opts.log_severity_level = 1, 3
     sess = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
-    got = sess.run(None, feeds)[0].ravel()
+    got = sess.run([name], feeds)[0].ravel()
     cos = float(ref @ got / (np.linalg.norm(ref) * np.linalg.norm(got) + 1e-30))
     if cos < 0.9999:
         raise ModelError(f"the torch weights found for Core ML do not reproduce {onnx_path} "
@@ -203,11 +231,27 @@ def convert(module, graph: dict, precision: str, batches=None):
                           minimum_deployment_target=getattr(ct.target, TARGET))
 
 
-def quantize_weights(mlmodel):
+def float_weights(module) -> list[str]:
+    """Names of the ML program's weight constants kept in float at int8: the parameters in
+    :data:`FLOAT_PARAMETERS` (coremltools names a weight after its parameter, dots as ``_``)."""
+    return sorted(name.replace(".", "_") for name, _ in module.named_parameters()
+                  if name.startswith(FLOAT_PARAMETERS))
+
+
+def int8_config(keep_float=()):
+    """The coremltools weight-quantization config: int8 symmetric per channel, the weight
+    constants named in ``keep_float`` left alone."""
     import coremltools.optimize as cto
-    config = cto.coreml.OptimizationConfig(global_config=cto.coreml.OpLinearQuantizerConfig(
-        mode="linear_symmetric", dtype="int8", granularity="per_channel",
-        weight_threshold=WEIGHT_THRESHOLD))
+    return cto.coreml.OptimizationConfig(
+        global_config=cto.coreml.OpLinearQuantizerConfig(
+            mode="linear_symmetric", dtype="int8", granularity="per_channel",
+            weight_threshold=WEIGHT_THRESHOLD),
+        op_name_configs={name: None for name in keep_float})
+
+
+def quantize_weights(mlmodel, keep_float=()):
+    import coremltools.optimize as cto
+    config = int8_config(keep_float)
     with quiet("coremltools"):
         return cto.coreml.linear_quantize_weights(mlmodel, config=config)
 
@@ -228,26 +272,31 @@ def build(onnx_path: str | os.PathLike, out_dir: str | os.PathLike, precision: s
     graph = manifest["graphs"][name]
     batches = tuple(options.get("batches", _runner().DEFAULT_BATCHES))
     t0 = time.perf_counter()
-    module, weights_from = torch_model(manifest, onnx_path.parent)
+    module, weights_from = torch_model(manifest, onnx_path.parent, options.get("weights"))
     cos = _check_against_onnx(module, onnx_path, graph)
     say(f"converting {manifest.get('arch')} from torch to a Core ML ML program ({precision}, "
         f"batch sizes {', '.join(map(str, batches))})")
     mlmodel = convert(module, graph, precision, batches)
+    keep = float_weights(module) if precision == "int8" else []
     if precision == "int8":
-        say("quantizing Core ML weights to int8 (linear symmetric, per channel)")
-        mlmodel = quantize_weights(mlmodel)
+        say("quantizing Core ML weights to int8 (linear symmetric, per channel; "
+            f"{', '.join(keep) or 'nothing'} kept in float)")
+        mlmodel = quantize_weights(mlmodel, keep)
     pkg = out_dir / f"{name}.mlpackage"
     mlmodel.save(str(pkg))
     files = sorted(str(p.relative_to(out_dir)) for p in pkg.rglob("*") if p.is_file())
     info = {"file": pkg.name, "files": files, "versions": versions(),
             "method": "torch.jit.trace + coremltools.convert(mlprogram)",
-            "weights_from": weights_from, "torch_vs_onnx_cosine": cos,
+            "weights_from": weights_from, "weights_option": options.get("weights"),
+            "torch_vs_onnx_cosine": cos,
             "batch_sizes": list(batches), "minimum_deployment_target": TARGET,
+            **({"sampling": module.sampling} if hasattr(module, "sampling") else {}),
             "compute_precision": "fp32" if precision == "fp32" else
             f"fp16 ({', '.join(FP32_OPS)} in fp32)",
             "weights": {"fp32": "fp32", "fp16": "fp16",
                         "int8": f"int8 linear symmetric per channel (tensors >= "
                                 f"{WEIGHT_THRESHOLD} elements)"}[precision],
+            "float_weights": keep,
             "spec": _runner().check_spec(pkg, graph, batches)}
     info["seconds"] = round(time.perf_counter() - t0, 2)
     return info
@@ -257,9 +306,12 @@ def build(onnx_path: str | os.PathLike, out_dir: str | os.PathLike, precision: s
 
 class TorchStandIn:
     """The torch model with the build's weight rounding, computed in fp32: what the accuracy
-    gate measures where Core ML cannot predict."""
+    gate measures where Core ML cannot predict. ``simulated``: a build measured on it is
+    recorded as ``"gate": "simulated"``."""
 
-    def __init__(self, module, graph: dict, precision: str):
+    simulated = True
+
+    def __init__(self, module, graph: dict, precision: str, keep_float=()):
         import torch
         self._torch = torch
         self._module = module
@@ -269,11 +321,13 @@ class TorchStandIn:
         self.gate_method = (f"Core ML cannot predict on {sys.platform}: torch fp32 with the "
                             f"build's {precision} weight rounding stands in (compute precision "
                             "not simulated); re-measure on macOS")
+        keep = set(keep_float)
         with torch.no_grad():
             for name, p in module.named_parameters():
                 if precision in ("fp16", "int8"):
                     w = p.data
-                    if precision == "int8" and w.dim() >= 2 and w.numel() >= WEIGHT_THRESHOLD:
+                    if (precision == "int8" and w.dim() >= 2 and w.numel() >= WEIGHT_THRESHOLD
+                            and name.replace(".", "_") not in keep):
                         # coremltools' per-channel axis is the output channel (dim 0 in torch).
                         scale = w.abs().amax(dim=tuple(range(1, w.dim())), keepdim=True) / 127.0
                         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
@@ -288,6 +342,15 @@ class TorchStandIn:
         out = out if isinstance(out, (tuple, list)) else (out,)
         return {k: v.numpy() for k, v in zip(self.output_names, out)}
 
+    def close(self) -> None:
+        self._module = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
 
 def gate_session(build_dir: str | os.PathLike, info: dict, threads: int | None = None,
                  manifest: dict | None = None, model_dir: str | os.PathLike | None = None,
@@ -295,6 +358,7 @@ def gate_session(build_dir: str | os.PathLike, info: dict, threads: int | None =
     runner = _runner()
     if runner.available()[0]:
         return runner.load(build_dir, threads, info)
-    module, _ = torch_model(manifest, model_dir)
+    module, _ = torch_model(manifest, model_dir, info.get("weights_option"))
     precision = "int8" if "int8" in info["weights"] else info["weights"]
-    return TorchStandIn(module, manifest["graphs"][graph], precision)
+    return TorchStandIn(module, manifest["graphs"][graph], precision,
+                        keep_float=info.get("float_weights", ()))

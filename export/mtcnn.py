@@ -160,8 +160,13 @@ def _manifest() -> dict:
         "preprocess": {"color": "RGB", "layout": "NCHW", "mean": [127.5] * 3,
                        "std": [128.0] * 3, "resize": "area"},
         "mtcnn": {
+            # The cascade as facenet-pytorch runs it: 20-pixel floor, P/R/O-Net thresholds.
             "min_face_size": 20, "scale_factor": 0.709,
             "thresholds": [0.6, 0.7, 0.7],  # P-Net, R-Net, O-Net face probability
+            # What the SDK reports by default (kpface.models.mtcnn): faces of at least 0.1 of
+            # the shorter image side (Google ML Kit's minFaceSize) with a final score of at
+            # least 0.9 (OpenCV YuNet's conf_threshold); --min-face / --score override.
+            "min_face": 0.1, "score": 0.9,
             "pnet_stride": 2, "pnet_cell": 12,
             "rnet_size": RNET_SIZE, "onet_size": ONET_SIZE,
             # IoU thresholds: within one pyramid scale, across scales, after R-Net, after O-Net

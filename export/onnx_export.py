@@ -3,7 +3,10 @@
 ``export_model`` builds the torch module, loads weights (or warns loudly that they are random),
 writes one ONNX file per graph into a staging directory, runs each file in ONNX Runtime against
 the torch module on fresh random inputs (a batch size other than the one traced, to exercise
-the dynamic axes), and only then renames the directory into place with its manifest.
+the dynamic axes), and only then switches the directory into place with its manifest, in one
+rename (:func:`kpface.manifest.staging_dir`). A re-export keeps the old directory's ``builds/``
+when its graphs are unchanged, and refuses (unless ``force``) when they changed
+(:func:`kpface.manifest.carry_builds`).
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ import torch
 import kpface
 from kpface.errors import InputError, KpfaceError
 from kpface.hub import HubFile, arch_for, download, is_hub_name
-from kpface.manifest import staging_dir, write_manifest
+from kpface.manifest import carry_builds, staging_dir, write_manifest
 from kpface.runtimes import onnxfile
 from kpface.weights import from_source
 
@@ -216,7 +219,7 @@ def export_model(arch: str, out_dir: str | os.PathLike, weights: str | os.PathLi
                  opset: int = DEFAULT_OPSET, strict: bool = True, task: str | None = None,
                  check: bool = True, progress: Callable[[str], None] | None = None,
                  save_weights: bool = False, options: dict[str, str] | None = None,
-                 seed: int = 0) -> dict[str, Any]:
+                 seed: int = 0, force: bool = False) -> dict[str, Any]:
     """Export ``arch`` into ``out_dir`` (model.onnx + manifest.json); return the manifest.
 
     ``options``: the architecture's export options (``ArchSpec.options``, e.g. Part fViT's
@@ -227,6 +230,10 @@ def export_model(arch: str, out_dir: str | os.PathLike, weights: str | os.PathLi
     ``save_weights`` also stores the torch weights as ``weights.safetensors`` (listed in the
     manifest as ``torch_weights``), for engines that convert from torch (Core ML) when the
     weights are random or the checkpoint may move.
+
+    Over an existing model directory: its ``builds/`` are kept when every graph file is byte
+    for byte the same; when a graph changed the export is refused (nothing changes) unless
+    ``force``, which drops them.
     """
     import onnx
 
@@ -291,5 +298,6 @@ def export_model(arch: str, out_dir: str | os.PathLike, weights: str | os.PathLi
             write_weights(model, tmp / TORCH_WEIGHTS, arch)
             manifest["torch_weights"] = TORCH_WEIGHTS
             files.append(TORCH_WEIGHTS)
+        carry_builds(out_dir, tmp, [g["file"] for g in graphs_meta.values()], force=force)
         manifest = write_manifest(tmp, manifest, files)
     return manifest

@@ -37,9 +37,11 @@ Decisions on the open questions of the sheet (section 10):
 5-7. Paper-only content, the fine-tuning regulariser and layer-wise decay are training matters:
    nothing to decide for inference.
 8. Degenerate min-max (all 392 head outputs equal): every point goes to 0 instead of NaN (a
-   floored range, a no-op otherwise). fp16/int8 behaviour of the landmark path is measured by
-   the engine builds, not here.
-9. GridSample support per engine: both forms are exported and checked; the engine table picks.
+   floored range, a no-op otherwise). fp16/int8: measured on the engines (README, "LAFS Part
+   fViT"): int8 in the landmark CNN moves points by ~4 px, so builds keep the CNN, min-max and
+   sampling in float (``kpface.runtimes.floatscope.landmark_path``).
+9. GridSample support per engine: both forms are exported and checked; the engine table says
+   which engines lack GridSample (``lacks``) and ``kpface export --for RUNTIME`` picks the form.
 
 Test-time flip: the official evaluation sums the embeddings of the image and of its mirror.
 The manifest carries ``"mirror_sum": false``: one pass per face by default, because the sum
@@ -59,7 +61,7 @@ from torch import nn
 
 from kpface.errors import CheckpointError
 
-from .part_fvit_cnn import LARGE, LandmarkTrunk, minmax_points
+from .part_fvit_cnn import LARGE, STEM_CHANNELS, LandmarkTrunk, minmax_points
 from .registry import ArchSpec, GraphSpec, TensorSpec, register
 
 log = logging.getLogger(__name__)
@@ -203,8 +205,7 @@ class PartFViT(nn.Module):
         # the window steps and channel index of the gather form.
         self.register_buffer("patch_offsets", mosaic_offsets(cfg.patch_size), persistent=False)
         self.register_buffer("window_steps", window_steps(cfg.patch_size), persistent=False)
-        self.register_buffer("channel_index", torch.arange(3, dtype=torch.float32),
-                             persistent=False)
+        self.register_buffer("channel_index", torch.arange(3), persistent=False)
 
     def landmarks(self, image: torch.Tensor) -> torch.Tensor:
         """[B, K, 2] (x, y) in pixel-index units of the input, in [0, img_size - 1]."""
@@ -221,13 +222,16 @@ class PartFViT(nn.Module):
 
     def _tokens_gridsample(self, image: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
         s, p = self.cfg.side, self.cfg.patch_size
-        # Mosaic grid: block (r, s) of p x p holds landmark k = r*side + s (section 2.4).
-        grid = points.reshape(-1, s, 1, s, 1, 2) + self.patch_offsets
+        # Mosaic grid: block (r, s) of p x p holds landmark k = r*side + s (section 2.4). The
+        # batch and the block row r share one axis, so no tensor has more than 5 dimensions
+        # (Core ML's limit); values and float order are those of the reference.
+        grid = points.reshape(-1, 1, s, 1, 2) + self.patch_offsets  # [B*side, p, side, p, 2]
         grid = (grid / (self.cfg.img_size * 0.5) - 1).reshape(-1, s * p, s * p, 2)
         mosaic = F.grid_sample(image, grid, mode="bilinear", padding_mode="zeros",
                                align_corners=False)
-        return mosaic.reshape(-1, 3, s, p, s, p).permute(0, 2, 4, 3, 5, 1).reshape(
-            -1, s * s, self.cfg.patch_dim)
+        # [B, 3, 8r+a, 8s+b] -> [B*side (r), a, side (s), b*3 + c] -> token (r, s), (a, b, c).
+        blocks = mosaic.permute(0, 2, 3, 1).reshape(-1, p, s, 3 * p).permute(0, 2, 1, 3)
+        return blocks.reshape(-1, s * s, self.cfg.patch_dim)
 
     def _tokens_gather(self, image: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
         k, p, size = self.cfg.num_landmarks, self.cfg.patch_size, self.cfg.img_size
@@ -239,10 +243,11 @@ class PartFViT(nn.Module):
         fx, fy = (shifted - base).unbind(-1)  # [B, K]
         pos = base[..., None] + self.window_steps  # [B, K, 2, p+1], integer-valued pixels
         inside = ((pos >= 0) & (pos <= size - 1)).to(image.dtype)  # zero padding
-        pos = pos.clamp(0, size - 1)
-        # Flat channel-last index (row * size + col) * 3 + c; exact in float32 (< 2^24).
+        # Flat channel-last index (row * size + col) * 3 + c, in integers: computed in floats
+        # it is exact in fp32 but not in an fp16 build (spacing 32 at 37,000).
+        pos = pos.clamp(0, size - 1).to(torch.int64)
         index = (pos[:, :, 1, None, :, None] * (3 * size) + pos[:, :, 0, :, None, None] * 3
-                 + self.channel_index).to(torch.int64)  # [B, K, p+1 (x), p+1 (y), 3]
+                 + self.channel_index)  # [B, K, p+1 (x), p+1 (y), 3]
         flat = image.permute(0, 2, 3, 1).reshape(-1, 3 * size * size)
         win = torch.gather(flat, 1, index.reshape(-1, k * (p + 1) ** 2 * 3))
         win = win.reshape(-1, k, p + 1, p + 1, 3) * (
@@ -299,6 +304,10 @@ def _manifest(cfg: PartFViTConfig) -> dict:
     from kpface.landmarks import LANDMARK_ORDER
     return {
         "config": cfg.to_dict(),
+        # The trunk's layout, for analytic FLOP counts without the graph (kpface.bench.flops).
+        "landmark_cnn": {"stem": STEM_CHANNELS, "head": [LARGE[-1][2], 2 * cfg.num_landmarks],
+                         "blocks": [["kernel", "expansion", "out", "se", "act", "stride"]]
+                         + [list(b) for b in LARGE]},
         "preprocess": {"size": [cfg.img_size, cfg.img_size], "color": "RGB", "layout": "NCHW",
                        "mean": [127.5] * 3, "std": [127.5] * 3, "range": [-1.0, 1.0]},
         # The detector's five points only align the crop; the graph takes no keypoints.

@@ -21,10 +21,13 @@ User images are read with :func:`kpface.image.load_image` (the suffixes of
 :data:`kpface.image.IMAGE_SUFFIXES`): a corrupt file is refused with the same one-line error as
 everywhere else.
 
-Every base face is aligned with the pipeline's least-squares similarity to the ArcFace template
-(:func:`kpface.align.estimate_similarity`), then
-augmented (random similarity jitter of the alignment, horizontal flip with the landmark index
-swap 0<->1 and 3<->4, brightness/contrast), deterministically from ``seed``. The split into
+Every base face is cut the way the recognizer's manifest says the pipeline cuts it: the
+ArcFace template (the pipeline's least-squares similarity,
+:func:`kpface.align.estimate_similarity`) when the manifest has no ``alignment`` block, dlib's
+face chip (:func:`kpface.facechip.face_chip`, ``{"method": "dlib_face_chip", "size",
+"padding"}``: dlib_resnet_v1) when it has one. Crops are then augmented (random similarity
+jitter of the alignment, horizontal flip with the landmark index swap 0<->1 and 3<->4,
+brightness/contrast), deterministically from ``seed``. The split into
 calibration and held-out sets is made by base face, so no held-out crop shares a source face
 with the calibration crops.
 """
@@ -40,8 +43,10 @@ import cv2
 import numpy as np
 
 from kpface import samples
-from kpface.align import estimate_similarity, recognizer_inputs, template, transform_points
+from kpface.align import (estimate_similarity, invert_affine, recognizer_inputs, template,
+                          transform_points)
 from kpface.errors import InputError
+from kpface.facechip import chip_template, face_chip
 from kpface.image import IMAGE_SUFFIXES, load_image
 from kpface.preprocess import Normalizer
 
@@ -124,6 +129,24 @@ def _compose(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a3 @ b3)[:2]
 
 
+def _flip_and_tone(crop: np.ndarray, pts: np.ndarray, flip: bool,
+                   rng: np.random.Generator | None, aug: Augment | None
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    size = crop.shape[1]
+    if flip:
+        crop = crop[:, ::-1].copy()
+        pts = pts.copy()
+        pts[:, 0] = size - 1 - pts[:, 0]
+        pts = pts[FLIP_ORDER]
+    if rng is not None and aug is not None and (aug.brightness or aug.contrast):
+        alpha = 1.0 + rng.uniform(-aug.contrast, aug.contrast)
+        beta = rng.uniform(-aug.brightness, aug.brightness)
+        mean = crop.mean()
+        crop = np.clip((crop.astype(np.float32) - mean) * alpha + mean + beta, 0, 255
+                       ).astype(np.uint8)
+    return crop, pts.astype(np.float32)
+
+
 def align_crop(image_bgr: np.ndarray, landmarks: np.ndarray, size: int = 112,
                rng: np.random.Generator | None = None, aug: Augment | None = None
                ) -> tuple[np.ndarray, np.ndarray]:
@@ -140,18 +163,62 @@ def align_crop(image_bgr: np.ndarray, landmarks: np.ndarray, size: int = 112,
     # frame, and black margins from the jitter would be statistics no real photo produces.
     crop = cv2.warpAffine(image_bgr, m, (size, size), flags=cv2.INTER_LINEAR,
                           borderMode=cv2.BORDER_REFLECT)
-    pts = transform_points(landmarks, m)
-    if flip:
-        crop = crop[:, ::-1].copy()
-        pts[:, 0] = size - 1 - pts[:, 0]
-        pts = pts[FLIP_ORDER]
-    if rng is not None and aug is not None and (aug.brightness or aug.contrast):
-        alpha = 1.0 + rng.uniform(-aug.contrast, aug.contrast)
-        beta = rng.uniform(-aug.brightness, aug.brightness)
-        mean = crop.mean()
-        crop = np.clip((crop.astype(np.float32) - mean) * alpha + mean + beta, 0, 255
-                       ).astype(np.uint8)
-    return crop, pts.astype(np.float32)
+    return _flip_and_tone(crop, transform_points(landmarks, m), flip, rng, aug)
+
+
+def chip_crop(image_bgr: np.ndarray, landmarks: np.ndarray, size: int = 150,
+              padding: float = 0.25, rng: np.random.Generator | None = None,
+              aug: Augment | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """dlib's face chip of a face (:func:`kpface.facechip.face_chip`, the pipeline's own),
+    plus optional augmentation. Returns (chip BGR uint8 [size, size, 3], landmarks in chip
+    pixels [5, 2]).
+
+    The jitter J (in chip pixels) moves the five points to ``S J^-1 S^-1 (points)``, S the
+    chip -> image similarity fitted to them: the chip of the moved points is the chip warped
+    by J, cut by the same extraction as in the pipeline. Where the chip reaches past the
+    image, the image is first extended by reflection (see :func:`align_crop`)."""
+    pts = np.asarray(landmarks, np.float64).reshape(5, 2)
+    flip = False
+    if rng is not None and aug is not None:
+        s = estimate_similarity(chip_template(size, padding), pts)  # chip -> image
+        j = _jitter(rng, aug, size)
+        moved = _compose(s, _compose(invert_affine(j), invert_affine(s)))
+        pts_fit = transform_points(pts, moved)
+        flip = rng.random() < aug.flip
+    else:
+        pts_fit = pts
+    # How far the chip may reach outside the image: its half-diagonal around the points.
+    s = estimate_similarity(chip_template(size, padding), pts_fit)
+    corners = transform_points(np.array([[0, 0], [size, 0], [0, size], [size, size]], float), s)
+    h, w = image_bgr.shape[:2]
+    margin = int(np.ceil(max(0.0, -corners.min(), (corners[:, 0] - w).max(),
+                             (corners[:, 1] - h).max()))) + 2
+    if margin > 2:
+        image_bgr = cv2.copyMakeBorder(image_bgr, margin, margin, margin, margin,
+                                       cv2.BORDER_REFLECT)
+        pts, pts_fit = pts + margin, pts_fit + margin
+    chip, m = face_chip(image_bgr, pts_fit, size=size, padding=padding)
+    return _flip_and_tone(chip, transform_points(pts, m), flip, rng, aug)
+
+
+def crop_fn(manifest: dict | None) -> tuple[Callable[..., tuple[np.ndarray, np.ndarray]], int]:
+    """``(crop(image, landmarks, rng, aug), size)`` for a recognizer manifest: the crop its
+    ``alignment`` block names (dlib's face chip) or the ArcFace template without one."""
+    manifest = manifest if manifest and "preprocess" in manifest else DEFAULT_RECOGNIZER
+    block = manifest.get("alignment")
+    if block is None:
+        size = int(manifest["preprocess"]["size"][0])
+        return (lambda img, lm, rng, aug: align_crop(img, lm, size, rng, aug)), size
+    method = block.get("method") if isinstance(block, dict) else block
+    if method != "dlib_face_chip":
+        raise InputError(f"calibration cannot cut {method!r} crops (the manifest's alignment); "
+                         "it knows the ArcFace template and dlib_face_chip")
+    try:
+        size, padding = int(block["size"]), float(block["padding"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise InputError(f"the manifest's alignment block is incomplete ({e!r}); re-export "
+                         "the model") from None
+    return (lambda img, lm, rng, aug: chip_crop(img, lm, size, padding, rng, aug)), size
 
 
 # --- sources -------------------------------------------------------------------------------
@@ -229,14 +296,15 @@ def make_faceset(faces: Sequence[tuple[str, np.ndarray, np.ndarray]], count: int
     """``count`` augmented crops, cycling through ``faces`` in a seeded random order, turned
     into recognizer inputs by the pipeline's own :func:`kpface.align.recognizer_inputs`."""
     manifest = manifest if manifest and "preprocess" in manifest else DEFAULT_RECOGNIZER
-    size = int(manifest["preprocess"]["size"][0])
+    cut, _ = crop_fn(manifest)
     if count <= 0:
-        return FaceSet(np.zeros((0, 3, size, size), np.float32), np.zeros((0, 5, 2), np.float32))
+        w, h = (int(v) for v in manifest["preprocess"]["size"])
+        return FaceSet(np.zeros((0, 3, h, w), np.float32), np.zeros((0, 5, 2), np.float32))
     crops, pts, names = [], [], []
     order = rng.permutation(len(faces))
     for j in range(count):
         name, img, lm = faces[order[j % len(faces)]]
-        crop, p = align_crop(img, lm, size, rng, aug)
+        crop, p = cut(img, lm, rng, aug)
         crops.append(crop)
         pts.append(p)
         names.append(name)
@@ -285,8 +353,10 @@ def recognizer_data(manifest: dict | None = None, n_calib: int = 128, n_heldout:
         held_faces = held_faces + builtin
     calib = make_faceset(calib_faces, n_calib, rng, aug, manifest)
     held = make_faceset(held_faces, n_heldout, rng, aug, manifest)
+    block = (manifest or {}).get("alignment")
     desc = {
-        "kind": "aligned face crops",
+        "kind": (f"{block['method']} crops" if isinstance(block, dict) and block.get("method")
+                 else "aligned face crops"),
         "sources": _source_names(user + builtin),
         "calibration_sources": _source_names(calib_faces),
         "heldout_sources": _source_names(held_faces),

@@ -19,7 +19,7 @@ import numpy as np
 
 from kpface.errors import EngineUnavailable, ModelError
 
-from .engines import quiet
+from .engines import Closable
 
 log = logging.getLogger(__name__)
 
@@ -28,10 +28,13 @@ DEFAULT_BATCHES = (1, 8)
 
 
 def import_coremltools():
-    """The coremltools module, or :class:`EngineUnavailable` saying how to install it."""
+    """The coremltools module, or :class:`EngineUnavailable` saying how to install it.
+
+    Not silenced: this also runs when a build is opened, and nothing may redirect the
+    process's stdout/stderr or logger levels at run time. (coremltools warns through
+    ``logging`` about untested torch / scikit-learn versions; the CLI filters those.)"""
     try:
-        with quiet("coremltools"):  # import-time notices about untested torch / sklearn
-            import coremltools as ct
+        import coremltools as ct
     except ImportError:
         raise EngineUnavailable(f"coremltools is not installed: {INSTALL}") from None
     return ct
@@ -86,8 +89,9 @@ def check_spec(path: str | os.PathLike, graph: dict, batches=DEFAULT_BATCHES) ->
 
 # --- sessions ------------------------------------------------------------------------------
 
-class CoreMLSession:
-    """``MLModel.predict`` over batches, padded to the enumerated batch sizes (macOS only)."""
+class CoreMLSession(Closable):
+    """``MLModel.predict`` over batches, padded to the enumerated batch sizes (macOS only).
+    ``close()`` / ``with`` releases it."""
 
     def __init__(self, path: Path, batches, input_names, output_names):
         ct = import_coremltools()
@@ -96,7 +100,11 @@ class CoreMLSession:
         self.input_names, self.output_names = list(input_names), list(output_names)
         self.provider = "CoreML:ALL"
 
+    def _release(self) -> None:
+        self._model = None
+
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self._check_open()
         n = len(next(iter(feeds.values())))
         outs: dict[str, list] = {k: [] for k in self.output_names}
         i = 0

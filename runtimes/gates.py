@@ -2,14 +2,21 @@
 
 * recognizers: cosine of the embeddings on held-out aligned face crops (see
   :mod:`kpface.runtimes.calibration`), gated on the mean and the minimum (:data:`GATES`);
+  a recognizer with a dense landmark output (Part fViT's 196 points, which choose the patches
+  it embeds) is also gated on the distance of its points from fp32's, in pixels of the
+  network input (:data:`LANDMARK_GATES`);
 * detectors and keypoint models (fp32 / fp16 only so far): cosine of every raw output on real
   images resized to each graph's input, gated on the worst output (:data:`OUTPUT_GATES`);
 * detectors also: the same faces found by the fp32 and the candidate detector on real photos,
-  boxes matched by IoU, landmark error relative to the face size (:data:`DETECTION_GATES`).
+  boxes matched by IoU, landmark error relative to the face size (:data:`DETECTION_GATES`);
+* recognizers, when asked (``kpface build --eval PAIRS``): verification accuracy on face pairs,
+  the candidate's against the fp32 model's; the drop may be at most ``max_drop`` points
+  (:data:`EVAL_MAX_DROP`), see :func:`verification_agreement`.
 
-This module knows no detector class: the caller passes a factory that makes a detector running
-on given sessions (:func:`detection_agreement`), so :mod:`kpface.runtimes` never imports the
-SDK's models.
+This module knows no detector class and no pair set: the caller passes a factory that makes a
+detector running on given sessions (:func:`detection_agreement`) and a ``verify`` callable
+(:data:`Verifier`, :func:`kpface.evaluation.make_verifier`), so :mod:`kpface.runtimes` never
+imports the SDK's models.
 """
 from __future__ import annotations
 
@@ -27,6 +34,16 @@ GATES: dict[str, dict[str, float]] = {
     "fp16": {"mean": 0.999, "min": 0.99},
     "int8": {"mean": 0.99, "min": 0.97},
 }
+# Dense landmarks of a recognizer (Part fViT) vs fp32, pixels of the network input: mean and
+# 99th percentile of the per-point distance over held-out crops (the max is reported, not
+# gated: one point of 12,544 is noise). A point that moves moves its whole patch; the
+# embedding gate says what that costs, these catch the landmark CNN going wrong (an int8 CNN
+# moved points by 3.7 px on average and 35 px at p99).
+LANDMARK_GATES: dict[str, dict[str, float]] = {
+    "fp32": {"mean": 0.01, "p99": 0.05},
+    "fp16": {"mean": 0.25, "p99": 1.5},
+    "int8": {"mean": 1.0, "p99": 4.0},
+}
 # Detector / keypoint graphs: minimum cosine of each raw output (worst output, worst image).
 OUTPUT_GATES: dict[str, float] = {"fp32": 0.9999, "fp16": 0.999}
 # Detector builds must find the same faces as fp32: matched boxes with IoU >= 0.9, landmarks
@@ -37,6 +54,10 @@ DETECTION_GATES = {"iou_min": 0.9, "landmark_nme_max": 0.05}
 # make_detector(sessions) -> an object with .detect(image_bgr) -> [objects with .box,
 # .landmarks]; ``sessions`` (graph name -> Session) replace the fp32 ONNX graphs, {} keeps them.
 DetectorFactory = Callable[[Mapping[str, Session]], Any]
+# verify({"fp32": Session, "build": Session}) -> {"fp32": {"accuracy": 0..1, ...}, "build": {...},
+# "pairs": description, ...}: verification figures of each session on the same face pairs.
+Verifier = Callable[[Mapping[str, Session]], dict]
+EVAL_MAX_DROP = 0.5  # accuracy points (of 100) a build may lose against fp32
 
 
 def gate_for(task: str | None, precision: str) -> dict[str, float]:
@@ -45,16 +66,36 @@ def gate_for(task: str | None, precision: str) -> dict[str, float]:
 
 
 def embedding_agreement(ref: Session, cand: Session, faces, batch: int = 8,
-                        output: str = "embedding") -> dict[str, Any]:
-    """Cosine of ``cand``'s embeddings against ``ref``'s on ``faces`` (a FaceSet)."""
+                        output: str = "embedding", landmarks: str | None = None
+                        ) -> dict[str, Any]:
+    """Cosine of ``cand``'s embeddings against ``ref``'s on ``faces`` (a FaceSet); with
+    ``landmarks`` (the name of a dense landmark output, [B, K, 2] pixels), also the distance
+    of ``cand``'s points from ``ref``'s (:func:`landmark_error`) under ``"landmarks"``."""
     names = [n for n in ref.input_names]
-    a, b = [], []
+    a, b, pa, pb = [], [], [], []
     for feeds in faces.feeds(names, batch):
-        a.append(ref.run(feeds)[output])
-        b.append(cand.run(feeds)[output])
+        r, c = ref.run(feeds), cand.run(feeds)
+        a.append(r[output])
+        b.append(c[output])
+        if landmarks:
+            pa.append(r[landmarks])
+            pb.append(c[landmarks])
     cos = row_cosines(np.concatenate(a), np.concatenate(b))
-    return {"n": int(len(cos)), "mean": float(cos.mean()), "min": float(cos.min()),
-            "p01": float(np.percentile(cos, 1))}
+    out = {"n": int(len(cos)), "mean": float(cos.mean()), "min": float(cos.min()),
+           "p01": float(np.percentile(cos, 1))}
+    if landmarks:
+        out["landmarks"] = landmark_error(np.concatenate(pa), np.concatenate(pb))
+    return out
+
+
+def landmark_error(ref: np.ndarray, cand: np.ndarray) -> dict[str, Any]:
+    """Euclidean distance of each of ``cand``'s points [N, K, 2] from ``ref``'s, in the
+    points' own units (pixels of the network input): mean, 99th percentile and max over all
+    points of all inputs, and the worst input's mean."""
+    d = np.linalg.norm(np.asarray(cand, np.float64) - np.asarray(ref, np.float64), axis=-1)
+    return {"unit": "px", "points": int(d.shape[-1]), "mean": float(d.mean()),
+            "p99": float(np.percentile(d, 99)), "max": float(d.max()),
+            "worst_input_mean": float(d.mean(axis=-1).max())}
 
 
 def output_agreement(ref: Session, cand: Session, feeds_list: list[dict]) -> dict[str, Any]:
@@ -114,17 +155,37 @@ def detection_agreement(make_detector: DetectorFactory,
             "gate": DETECTION_GATES}
 
 
+def verification_agreement(verify: Verifier, ref: Session, cand: Session,
+                           max_drop: float = EVAL_MAX_DROP) -> dict[str, Any]:
+    """Verification accuracy of ``cand`` and of the fp32 ``ref`` on the same pairs, and
+    whether ``cand`` lost at most ``max_drop`` points."""
+    got = verify({"fp32": ref, "build": cand})
+    fp32, build = got["fp32"]["accuracy"], got["build"]["accuracy"]
+    drop = 100.0 * (fp32 - build)
+    return {**{k: v for k, v in got.items() if k not in ("fp32", "build")},
+            "fp32": got["fp32"], "build": got["build"], "drop_points": drop,
+            "max_drop_points": float(max_drop), "passed": bool(drop <= max_drop + 1e-9)}
+
+
 def decide(task: str | None, precision: str, accuracy: dict[str, dict[str, Any]],
-           detections: dict[str, Any] | None = None) -> dict[str, Any]:
+           detections: dict[str, Any] | None = None,
+           verification: dict[str, Any] | None = None) -> dict[str, Any]:
     """The build's accuracy summary (``build.json``'s ``accuracy``), with ``passed``.
 
     ``accuracy``: per graph, what :func:`embedding_agreement` / :func:`output_agreement`
-    returned; ``detections``: what :func:`detection_agreement` returned, for detectors.
+    returned; ``detections``: what :func:`detection_agreement` returned, for detectors;
+    ``verification``: what :func:`verification_agreement` returned (``kpface build --eval``).
     """
     gate = gate_for(task, precision)
     worst = min(accuracy.values(), key=lambda a: a["min"])
     passed = all(a["min"] >= gate["min"] and a["mean"] >= gate.get("mean", -1)
                  for a in accuracy.values())
+    lm_gate = LANDMARK_GATES[precision]
+    for a in accuracy.values():
+        lm = a.get("landmarks")
+        if lm is not None:
+            lm["gate"] = dict(lm_gate)
+            passed = passed and lm["mean"] <= lm_gate["mean"] and lm["p99"] <= lm_gate["p99"]
     if detections is not None:
         passed = passed and detections["missed"] == 0 and detections["extra"] == 0 \
             and detections["iou_min"] >= DETECTION_GATES["iou_min"] \
@@ -139,6 +200,9 @@ def decide(task: str | None, precision: str, accuracy: dict[str, dict[str, Any]]
         summary["graphs"] = accuracy
     if detections is not None:
         summary["detections"] = detections
+    if verification is not None:
+        summary["verification"] = verification
+        summary["passed"] = passed and verification["passed"]
     return summary
 
 
@@ -148,10 +212,20 @@ def figures(summary: dict[str, Any]) -> str:
     text = (f"cosine vs fp32 mean {summary['mean']:.5f} (gate >= {gate.get('mean', 0):g}), "
             f"min {summary['min']:.5f} (gate >= {gate['min']:g}) on {summary['n']} held-out "
             "inputs")
+    lm = summary.get("landmarks")
+    if lm is not None:
+        g = lm["gate"]
+        text += (f"; landmarks vs fp32 mean {lm['mean']:.3f} px (gate <= {g['mean']:g}), p99 "
+                 f"{lm['p99']:.3f} px (gate <= {g['p99']:g}), max {lm['max']:.3f} px")
     det = summary.get("detections")
     if det is not None:
         text += (f"; detections: {det['missed']} missed, {det['extra']} extra, box IoU min "
                  f"{det['iou_min']:.3f} (gate >= {DETECTION_GATES['iou_min']}), landmark error "
                  f"max {det['landmark_nme_max']:.3f} of the face size (gate <= "
                  f"{DETECTION_GATES['landmark_nme_max']})")
+    ver = summary.get("verification")
+    if ver is not None:
+        text += (f"; verification accuracy {100 * ver['build']['accuracy']:.2f}% vs fp32 "
+                 f"{100 * ver['fp32']['accuracy']:.2f}%: drop {ver['drop_points']:.2f} points "
+                 f"(gate <= {ver['max_drop_points']:g})")
     return text

@@ -8,7 +8,8 @@
   ``build.json`` records which (``inference_precision``).
 * int8: ``nncf.quantize`` with ``ModelType.TRANSFORMER`` (LayerNorm, Softmax and residual Adds
   stay float), calibrated on face crops; the KP-RPE path (nodes that depend on the keypoints but
-  not on the image) and the attention products (q.k, attn.v) are in the ignored scope.
+  not on the image), the attention products (q.k, attn.v) and Part fViT's landmark path (CNN,
+  min-max, sampling) are in the ignored scope.
 
 Sessions take a thread count (``INFERENCE_NUM_THREADS``) and report the devices that really
 execute the model (``EXECUTION_DEVICES``); asking for a GPU and landing elsewhere is refused.
@@ -26,7 +27,7 @@ import numpy as np
 from kpface.errors import EngineUnavailable, InputError, ModelError
 
 from . import floatscope, pages
-from .engines import default_threads, int8_saturates, quiet
+from .engines import Closable, default_threads, int8_saturates, quiet
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +77,9 @@ def _capabilities(core, dev: str) -> list[str]:
 
 # --- sessions ------------------------------------------------------------------------------
 
-class OpenVinoSession:
+class OpenVinoSession(Closable):
     """A compiled OpenVINO model; ``run`` uses one infer request per call (thread-safe).
+    ``close()`` / ``with`` releases it.
 
     ``release_pages`` (default): the pages of the mapped ``.bin`` are given back while and
     after it compiles (:mod:`.pages`), so the weights are resident once (repacked), not twice.
@@ -118,10 +120,14 @@ class OpenVinoSession:
         self.output_names = [_pick_name(o, names) for o in self._compiled.outputs]
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self._check_open()
         request = self._compiled.create_infer_request()
         result = request.infer({k: np.ascontiguousarray(v) for k, v in feeds.items()})
         return {name: np.array(result[o], copy=True)
                 for name, o in zip(self.output_names, self._compiled.outputs)}
+
+    def _release(self) -> None:
+        self._compiled = None
 
 
 def _warm_up(compiled) -> None:
@@ -161,6 +167,8 @@ def load(build_dir: str | os.PathLike, threads: int | None = None, info: dict | 
 
 # A weight reaches a MatMul as a Constant, possibly through a short decompression chain.
 WEIGHT_CHAIN = frozenset({"Convert", "Transpose", "Reshape", "FakeQuantize"})
+# The ops that carry weights (the ends of floatscope.landmark_path).
+WEIGHT_OPS = frozenset({"MatMul", "Convolution", "GroupConvolution"})
 
 
 def describe(model) -> floatscope.Graph:
@@ -174,6 +182,8 @@ def describe(model) -> floatscope.Graph:
         return f"{node.get_name()}:{value.get_index()}"
 
     inputs, nodes = [], []
+    outputs = {name: tensor(r.input_value(0)) for r in model.get_results()
+               for name in r.input_value(0).get_names()}
     for op in model.get_ordered_ops():
         if op.get_type_name() == "Parameter":
             inputs.append(op.get_friendly_name())
@@ -183,7 +193,7 @@ def describe(model) -> floatscope.Graph:
             tuple(tensor(v) for v in op.input_values()),
             tuple(tensor(o) for o in op.outputs()),
             const=op.get_type_name() == "Constant"))
-    return floatscope.Graph(tuple(inputs), nodes, const_through=WEIGHT_CHAIN)
+    return floatscope.Graph(tuple(inputs), nodes, const_through=WEIGHT_CHAIN, outputs=outputs)
 
 
 def build(onnx_path: str | os.PathLike, out_dir: str | os.PathLike, precision: str,
@@ -246,6 +256,9 @@ def _quantize(model, xml: Path, calibration, options: dict) -> dict[str, Any]:
     attention = ([] if options.get("quantize_attention", False)
                  else floatscope.activation_matmuls(graph))
     ignored += attention
+    landmarks = floatscope.landmark_scope(graph, options.get("keep_landmarks_float", True),
+                                          WEIGHT_OPS)
+    ignored += landmarks
     ignored_types = [] if options.get("quantize_attention", False) else ATTENTION_TYPES
     from nncf.quantization.advanced_parameters import (AdvancedQuantizationParameters,
                                                        AdvancedSmoothQuantParameters,
@@ -276,4 +289,5 @@ def _quantize(model, xml: Path, calibration, options: dict) -> dict[str, Any]:
             "weights": "int8 symmetric per-channel", "fake_quantize_nodes": n_fq,
             "smooth_quant": alpha if alpha >= 0 else "off", "overflow_fix": overflow,
             "attention_products": "int8" if options.get("quantize_attention") else "float",
-            "float_nodes_kprpe": len(kprpe), "ignored_nodes": len(ignored)}
+            "float_nodes_kprpe": len(kprpe), "float_nodes_landmarks": len(landmarks),
+            "ignored_nodes": len(ignored)}

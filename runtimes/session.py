@@ -13,10 +13,35 @@ import os
 from pathlib import Path
 from typing import Any
 
+import logging
+
 from kpface.errors import ModelError
-from kpface.manifest import BUILD_MANIFEST_NAME, load_manifest, read_json, verify_files
+from kpface.manifest import (BUILD_MANIFEST_NAME, contained, load_manifest, read_json,
+                             verified_file, verify_files)
 
 from .engines import Session, default_threads, get_engine  # noqa: F401  (re-exported)
+
+log = logging.getLogger(__name__)
+
+
+def check_artifact(build: Path, info: dict[str, Any], name: Any) -> Path:
+    """The path of a build's artifact ``name``: a file listed (and hashed) in build.json, or
+    a directory (a Core ML package) every file of which is listed; inside the build."""
+    label = str(build)
+    path = contained(build, name, label)
+    files = info.get("files") or {}
+    if path.is_dir():
+        unlisted = [str(p.relative_to(build.resolve())) for p in path.rglob("*")
+                    if not p.is_dir() and str(p.relative_to(build.resolve())) not in files]
+        if unlisted or not any(str(f).startswith(f"{name}/") for f in files):
+            raise ModelError(f"{label}: {name} holds files build.json does not list "
+                             f"({', '.join(unlisted[:3]) or 'none listed'}); refusing to open "
+                             "it, rebuild it with `kpface build`")
+        return path
+    if name not in files:
+        raise ModelError(f"{label}: {name!r} is not listed in build.json's files (no sha256 "
+                         "vouches for it); refusing to open it, rebuild it with `kpface build`")
+    return path
 
 
 def build_dir(model_dir: str | os.PathLike, runtime: str, precision: str, key: str) -> Path:
@@ -31,16 +56,23 @@ def load_build(model_dir: str | os.PathLike, runtime: str, precision: str,
     model_dir = Path(model_dir)
     engine = get_engine(runtime)
     engine.check_precision(precision)
-    adapter = engine.require(device)
+    try:  # the build is found and checked even where the engine cannot run (open_build says)
+        adapter = engine.load_adapter()
+    except ImportError:
+        adapter = engine.require(device)
     key = adapter.device_key(device)
     d = Path(at) if at is not None else build_dir(model_dir, runtime, precision, key)
     command = f"kpface build {model_dir} --runtime {runtime} --precision {precision}"
     if not (d / BUILD_MANIFEST_NAME).is_file():
+        engine.require(device)  # an engine that cannot run here says so first
         raise ModelError(f"{model_dir} has no {runtime} {precision} build for this device "
                          f"({key}); run `{command}`")
     info = read_json(d / BUILD_MANIFEST_NAME, f"the {runtime} {precision} build")
     try:
         verify_files(d, info, str(d))
+        graphs = info.get("graphs")
+        for g in (graphs.values() if isinstance(graphs, dict) else ()):
+            check_artifact(d, info, g.get("file") if isinstance(g, dict) else None)
     except ModelError as e:
         raise ModelError(f"{str(e).rsplit(';', 1)[0]}; rebuild it with `{command}`") from None
     if manifest is not None:
@@ -64,7 +96,15 @@ def open_build(model_dir: str | os.PathLike, runtime: str, precision: str, graph
         raise ModelError(f"{d} holds no graph {graph!r} (it has: {', '.join(graphs)}); rebuild "
                          f"it with `kpface build {model_dir} --runtime {runtime} "
                          f"--precision {precision}`")
-    adapter = get_engine(runtime).load_adapter()
+    gate = info.get("gate")
+    if gate == "simulated":
+        log.warning("%s: this build's accuracy gate was simulated (%s), not measured on %s "
+                    "itself; measure it where the engine runs before trusting it", d,
+                    (info.get("accuracy") or {}).get("method", "a stand-in"), runtime)
+    elif gate not in ("passed", None):
+        log.warning("%s: this build is below its accuracy gate (gate %r, kept with --force)",
+                    d, gate)
+    adapter = get_engine(runtime).require(device)
     return adapter.load(d, threads=threads, info=graphs[graph], device=device)
 
 
@@ -92,6 +132,7 @@ def open_session(model_dir: str | os.PathLike, runtime: str = "onnxruntime",
     if runtime == "onnxruntime" and precision == "fp32" and (exported or not _has_build(
             model_dir, runtime, precision, device)):
         from .onnxruntime_rt import open_onnx
-        return open_onnx(model_dir / graphs[graph]["file"], threads=threads, device=device)
+        path = verified_file(model_dir, manifest, graphs[graph].get("file"))
+        return open_onnx(path, threads=threads, device=device)
     return open_build(model_dir, runtime, precision, graph=graph, threads=threads,
                       manifest=manifest, device=device)

@@ -4,12 +4,20 @@ Build: the ONNX parser fills a network; one optimisation profile covers the dyna
 (min 1, opt 8, max 32 by default; ``options["profile"] = (min, opt, max)``).
 
 * fp16: ``BuilderFlag.FP16`` with ``PREFER_PRECISION_CONSTRAINTS``; LayerNorm (``NORMALIZATION``
-  layers and the reduce / elementwise layers of an unfused LayerNorm), Softmax and the KP-RPE
-  path (layers that depend on the keypoints but not on the image) are pinned to fp32.
-* int8: ``BuilderFlag.INT8`` + FP16 with an ``IInt8EntropyCalibrator2`` over face crops; the same
-  layers stay fp32. The calibration cache is written next to the builds
-  (``MODEL_DIR/builds/tensorrt-int8-<key>.calib``, keyed by the ONNX file and the calibration
-  set) and reused by the next build with the same inputs.
+  layers and the reduce / elementwise layers of an unfused LayerNorm), Softmax, the KP-RPE
+  path (layers that depend on the keypoints but not on the image) and Part fViT's landmark path
+  (:func:`.floatscope.landmark_path`: GridSample or the gather form) are pinned to fp32.
+* int8: explicit quantization, not the implicit-int8 calibrator TensorRT 10 deprecates. The
+  ONNX graph is calibrated on face crops and written with QuantizeLinear / DequantizeLinear
+  pairs (``<graph>.qdq.onnx``, by :func:`kpface.runtimes.onnxruntime_rt.quantize_int8`: int8
+  symmetric activations and per-channel weights, zero points 0, as TensorRT requires), on the
+  inputs of Conv / MatMul / Gemm only, with the same float scope as the ONNX Runtime and
+  OpenVINO builds: LayerNorm, Softmax, the residual Adds, the attention products (q.k,
+  attn.v), the KP-RPE path and the landmark path carry no Q/DQ. The network is *strongly typed*: TensorRT runs
+  in int8 exactly what the Q/DQ nodes say and everything else in the graph's own fp32, with no
+  precision flags. The Q/DQ graph and ``<graph>.calib.json`` (its key and per-tensor scales)
+  are the calibration cache: written into the staged build directory, hashed in build.json,
+  and reused by the next build of the same model on the same crops.
 
 An engine only runs on the GPU architecture and TensorRT version it was built with: ``build.json``
 records both (and the build directory is keyed by the compute capability, ``sm89``), and
@@ -20,7 +28,6 @@ Everything here imports without tensorrt; ``available()`` says what is missing.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import threading
@@ -33,6 +40,8 @@ import numpy as np
 from kpface.errors import EngineUnavailable, InputError, ModelError
 
 from . import floatscope
+from .engines import Closable
+from .tensorrt_qdq import make_qdq
 
 log = logging.getLogger(__name__)
 
@@ -179,12 +188,17 @@ def describe(network, trt) -> floatscope.Graph:
         nodes.append(floatscope.Node(str(i), str(layer.type), ins, outs,
                                      const=layer.type == trt.LayerType.CONSTANT))
     return floatscope.Graph(tuple(network.get_input(i).name for i in range(network.num_inputs)),
-                            nodes)
+                            nodes, outputs={network.get_output(i).name: network.get_output(i).name
+                                            for i in range(network.num_outputs)})
 
 
 def _float_layers(network, trt) -> list:
-    """Layers pinned to fp32: LayerNorm, Softmax, and the KP-RPE path."""
-    kprpe = {int(i) for i in floatscope.kprpe_path(describe(network, trt))}
+    """Layers pinned to fp32: LayerNorm, Softmax, the KP-RPE path and Part fViT's landmark
+    path (head, min-max, sampling grid or gather, whichever sampling form was exported)."""
+    graph = describe(network, trt)
+    weights = {str(trt.LayerType.MATRIX_MULTIPLY), str(trt.LayerType.CONVOLUTION)}
+    kprpe = {int(i) for i in floatscope.kprpe_path(graph)}
+    kprpe |= {int(i) for i in floatscope.landmark_path(graph, weight_ops=weights)}
     fp32_types = {trt.LayerType.NORMALIZATION, trt.LayerType.SOFTMAX}
     keep = []
     for i in range(network.num_layers):
@@ -211,57 +225,6 @@ def _pin_fp32(layers, trt) -> int:
     return n
 
 
-def _calibration_cache_path(out_dir: Path, onnx_path: Path, calibration, key: str) -> Path:
-    """Keyed by the ONNX file and the exact calibration crops, so a cache is reused only for
-    the same model and data."""
-    from kpface.manifest import sha256_file
-    h = hashlib.sha256(sha256_file(onnx_path).encode())
-    h.update(np.ascontiguousarray(calibration.images).tobytes())
-    h.update(np.ascontiguousarray(calibration.keypoints).tobytes())
-    # out_dir is the staging directory inside MODEL_DIR/builds/.
-    return out_dir.parent / f"tensorrt-int8-{key}-{h.hexdigest()[:12]}.calib"
-
-
-def _make_calibrator(trt, calibration, input_names, batch: int, cache: Path):
-    class EntropyCalibrator(trt.IInt8EntropyCalibrator2):
-        def __init__(self):
-            trt.IInt8EntropyCalibrator2.__init__(self)
-            self._feeds = [f for f in calibration.feeds(input_names, batch)
-                           if len(next(iter(f.values()))) == batch]
-            self._i = 0
-            self._buffers = {n: _Buffer() for n in input_names}
-            self._stream = _call(_cudart().cudaStreamCreate())
-
-        def get_batch_size(self):
-            return batch
-
-        def get_batch(self, names):
-            if self._i >= len(self._feeds):
-                return None
-            feeds = self._feeds[self._i]
-            self._i += 1
-            ptrs = []
-            for n in names:
-                arr = np.ascontiguousarray(feeds[n], np.float32)
-                ptr = self._buffers[n].ensure(arr.nbytes)
-                _h2d(ptr, arr, self._stream)
-                ptrs.append(ptr)
-            _call(_cudart().cudaStreamSynchronize(self._stream))
-            return ptrs
-
-        def read_calibration_cache(self):
-            if cache.is_file():
-                log.info("reusing the TensorRT calibration cache %s", cache)
-                return cache.read_bytes()
-            return None
-
-        def write_calibration_cache(self, data):
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            cache.write_bytes(bytes(data))
-
-    return EntropyCalibrator()
-
-
 def build(onnx_path: str | os.PathLike, out_dir: str | os.PathLike, precision: str,
           calibration: Any = None, manifest: dict | None = None, device: str | None = None,
           progress: Callable[[str], None] | None = None, options: dict | None = None,
@@ -280,11 +243,22 @@ def build(onnx_path: str | os.PathLike, out_dir: str | os.PathLike, precision: s
     _call(_cudart().cudaSetDevice(gpu["index"]))
     t0 = time.perf_counter()
 
+    extra: dict[str, Any] = {}
+    source = onnx_path
+    if precision == "int8":
+        installed = out_dir.parent / f"tensorrt-int8-{gpu['sm']}"
+        extra = make_qdq(onnx_path, out_dir, name, calibration, installed,
+                         bool(options.get("calibration_cache", True)), say)
+        source = out_dir / extra["qdq_onnx"]
+
     logger = _trt_logger()
     builder = trt.Builder(logger)
-    network = builder.create_network(0)  # TensorRT 10: explicit batch is the only mode
+    # TensorRT 10: explicit batch is the only mode. A Q/DQ graph is built strongly typed.
+    flags = (1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+             if precision == "int8" else 0)
+    network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
+    if not parser.parse_from_file(str(source)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise ModelError(f"TensorRT cannot parse {onnx_path.name}: {errors[:300]}")
     config = builder.create_builder_config()
@@ -303,20 +277,11 @@ def build(onnx_path: str | os.PathLike, out_dir: str | os.PathLike, precision: s
     config.add_optimization_profile(profile)
 
     pinned = 0
-    if precision in ("fp16", "int8"):
+    if precision == "fp16":
         config.set_flag(trt.BuilderFlag.FP16)
         # PREFER (not OBEY): a pinned layer without an fp32 kernel falls back instead of failing.
         config.set_flag(trt.BuilderFlag.PREFER_PRECISION_CONSTRAINTS)
         pinned = _pin_fp32(_float_layers(network, trt), trt)
-    cache = None
-    if precision == "int8":
-        config.set_flag(trt.BuilderFlag.INT8)
-        cache = Path(options.get("calibration_cache") or
-                     _calibration_cache_path(out_dir, onnx_path, calibration, gpu["sm"]))
-        names = [network.get_input(i).name for i in range(network.num_inputs)]
-        config.int8_calibrator = _make_calibrator(trt, calibration, names, opt, cache)
-        config.set_calibration_profile(profile)
-        say(f"calibrating int8 on {len(calibration)} face crops (entropy, batch {opt})")
     say(f"building the TensorRT engine for {gpu['name']} ({gpu['sm']}); this takes minutes")
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
@@ -324,14 +289,12 @@ def build(onnx_path: str | os.PathLike, out_dir: str | os.PathLike, precision: s
                          "--debug to see TensorRT's log")
     engine = out_dir / f"{name}.engine"
     engine.write_bytes(bytes(serialized))
-    info = {"file": engine.name, "files": [engine.name], "versions": versions(),
-            "method": "tensorrt.Builder.build_serialized_network",
+    info = {"file": engine.name, "files": [engine.name] + extra.pop("files", []),
+            "versions": versions(), "method": "tensorrt.Builder.build_serialized_network",
             "tensorrt_version": trt.__version__, "gpu": gpu["name"],
             "compute_capability": gpu["compute_capability"], "profile": shapes,
-            "fp32_layers": pinned, "seconds": round(time.perf_counter() - t0, 2)}
-    if cache is not None:
-        info["calibration_cache"] = str(cache)
-        info["calibrator"] = "IInt8EntropyCalibrator2"
+            "strongly_typed": bool(flags), "fp32_layers": pinned,
+            "seconds": round(time.perf_counter() - t0, 2), **extra}
     return info
 
 
@@ -350,7 +313,11 @@ def check_compatible(info: dict, device: str | None = None) -> None:
             "--runtime tensorrt`")
 
 
-class TensorRTSession:
+class TensorRTSession(Closable):
+    """One engine, one execution context and one CUDA stream; ``run`` is serialised by a
+    lock (thread-safe). ``close()`` / ``with`` frees the device buffers and destroys the
+    stream."""
+
     def __init__(self, engine_path: Path, info: dict, device: str | None = None):
         trt = _trt()
         check_compatible(info, device)
@@ -395,9 +362,21 @@ class TensorRTSession:
         _call(_cudart().cudaStreamSynchronize(self._stream))
         return {n: a.astype(np.float32, copy=False) for n, a in outs.items()}
 
+    def _release(self) -> None:
+        with self._lock:
+            for buf in self._buffers.values():
+                buf.free()
+            self._buffers.clear()
+            stream, self._stream = self._stream, None
+            self._context = self._engine = None
+            if stream is not None:
+                _call(_cudart().cudaStreamDestroy(stream))
+
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self._check_open()
         n = len(next(iter(feeds.values())))
         with self._lock:
+            self._check_open()
             if n <= self._max_batch:
                 return self._run_chunk(feeds)
             parts = [self._run_chunk({k: v[i:i + self._max_batch] for k, v in feeds.items()})

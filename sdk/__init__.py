@@ -10,9 +10,12 @@ from .errors import (AccuracyGateError, CheckpointError, EngineUnavailable, Inpu
 
 
 def __getattr__(name):  # lazy: keep `import kpface` cheap and torch-free
-    if name in ("FacePipeline", "Face", "Gallery", "compare"):
+    if name in ("FacePipeline", "Face", "compare"):
         from . import pipeline
         return getattr(pipeline, name)
+    if name == "Gallery":
+        from .gallery import Gallery
+        return Gallery
     if name in ("Recognizer", "load_recognizer", "load_detector", "load_keypoints"):
         from . import models
         return getattr(models, name)

@@ -15,6 +15,8 @@ import sys
 import threading
 import time
 
+from .cli_images import add_detector_options
+
 log = logging.getLogger(__name__)
 
 LOCAL = "local"
@@ -80,11 +82,15 @@ def enroll_ray(args: argparse.Namespace, gallery) -> int:
 
 def _enroll(args: argparse.Namespace, gallery):
     from .cluster import enroll_with_ray
+    options = {k: getattr(args, k) for k in ("runtime", "precision") if getattr(args, k, None)}
+    if getattr(args, "no_keypoints", False):
+        options["use_keypoints"] = False
     return enroll_with_ray(args.dir, gallery, models_dir=getattr(args, "models", None),
-                              address=None if args.ray == LOCAL else args.ray,
-                              workers=getattr(args, "workers", None),
-                              threads=getattr(args, "threads", None) or 1,
-                           batch_size=getattr(args, "batch_size", 4), progress=_say)
+                           address=None if args.ray == LOCAL else args.ray,
+                           workers=getattr(args, "workers", None),
+                           threads=getattr(args, "threads", None) or 1,
+                           batch_size=getattr(args, "batch_size", 4), progress=_say,
+                           **options)
 
 
 # -- serve --------------------------------------------------------------------------------------
@@ -104,8 +110,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     models = str(args.models or default_models_dir())
     app = kserve.build_app(models, threads=args.threads, gallery=args.gallery,
                            replicas=args.replicas, max_batch_size=args.max_batch,
-                           batch_wait_ms=args.batch_wait_ms,
-                           use_keypoints=not args.no_keypoints)
+                           batch_wait_ms=args.batch_wait_ms, allow_random=args.allow_random,
+                           use_keypoints=not args.no_keypoints, min_face=args.min_face,
+                           score=args.score)
     with ray_session(args.ray, progress=_say), _sigterm_as_interrupt():
         try:
             url = kserve.start(app, port=args.port)
@@ -146,7 +153,10 @@ def add_parsers(sub) -> None:
                    "default: start a local Ray instance")
     s.add_argument("--models", help="models directory (default: $KPFACE_HOME/models)")
     s.add_argument("--port", type=int, default=8000, help="HTTP port on 127.0.0.1 (8000)")
-    s.add_argument("--gallery", help="gallery file that POST /identify searches")
+    s.add_argument("--gallery", help="gallery file (kpface gallery enroll) that POST /identify "
+                   "searches; refused if another recognizer made it")
+    s.add_argument("--allow-random", action="store_true", help="identity verdicts from /identify "
+                   "even if the recognizer has random or partial weights")
     s.add_argument("--threads", type=int, default=1, help="engine threads per replica (1)")
     s.add_argument("--replicas", type=int, default=1,
                    help="replicas of the detector (the HTTP ingress) and of the recognizer (1)")
@@ -157,6 +167,7 @@ def add_parsers(sub) -> None:
                    "requests that queued while it was busy)")
     s.add_argument("--no-keypoints", action="store_true",
                    help="use the detector's landmarks even if a keypoint model exists")
+    add_detector_options(s)
     s.set_defaults(func=cmd_serve)
 
     t = sub.add_parser("export-triton", help="write a Triton Inference Server model repository "

@@ -1,21 +1,27 @@
 """The model directory contract: ``<dir>/model.onnx`` + ``<dir>/manifest.json``.
 
-Every file a manifest names is listed with its sha256; :func:`load_manifest` refuses a
-directory whose files are missing or whose hashes differ. Writes go through a temporary
-name and a rename, so an interrupted export never leaves half a model behind.
+Every file a manifest names is listed in its ``files`` with its sha256, as a plain relative
+path that stays inside the directory: :func:`load_manifest` refuses a directory whose files
+are missing, changed, named by an absolute path or with ``..``, or reached through a symlink
+that leaves the directory, and a manifest whose graphs (or torch weights) name a file that
+``files`` does not list. :func:`model_file` is how every reader gets the path of a file to
+open. Writes go through :mod:`kpface.atomic`: a temporary name and one rename, so an
+interrupted export never leaves half a model behind.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
-import tempfile
-from pathlib import Path
-from typing import Any, Iterator
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Any
 
-from .errors import ModelError
+from .atomic import atomic_write_bytes, atomic_write_text, staging_dir  # noqa: F401
+from .errors import InputError, ModelError
+
+log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
 BUILD_MANIFEST_NAME = "build.json"
@@ -30,51 +36,62 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to a temporary sibling, then rename it over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
 def write_json(path: str | os.PathLike, data: dict[str, Any]) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
-@contextlib.contextmanager
-def staging_dir(final: str | os.PathLike) -> Iterator[Path]:
-    """Yield an empty sibling directory; on success it replaces ``final`` in one rename."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
-    try:
-        yield tmp
-        if final.exists():
-            old = final.with_name(f".{final.name}.old-{os.getpid()}")
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def hash_files(directory: Path, names: list[str]) -> dict[str, str]:
-    return {name: sha256_file(directory / name) for name in names}
+    return {name: sha256_file(contained(directory, name, str(directory))) for name in names}
+
+
+def contained(directory: str | os.PathLike, name: Any, label: str) -> Path:
+    """The real path of ``directory/name``, or ModelError unless ``name`` is a relative path
+    without ``..`` that stays inside ``directory`` once symlinks are followed."""
+    if not isinstance(name, str) or not name or "\x00" in name:
+        raise ModelError(f"{label}: the manifest names a file {name!r} that is not a file "
+                         "name; re-export the model")
+    pure = PurePosixPath(name)
+    if (pure.is_absolute() or PureWindowsPath(name).drive or "\\" in name
+            or ".." in pure.parts):
+        raise ModelError(f"{label}: the manifest names {name!r}, a path outside the model "
+                         "directory (absolute or with '..'); refusing to open it")
+    root = Path(directory).resolve()
+    real = (root / pure).resolve()
+    if real != root and root not in real.parents:
+        raise ModelError(f"{label}: {name} is a symlink that leaves the model directory "
+                         f"(to {real}); refusing to open it")
+    return real
+
+
+def model_file(directory: str | os.PathLike, manifest: dict[str, Any], name: Any,
+               label: str | None = None) -> Path:
+    """The path of a file the manifest vouches for: listed in its ``files`` (with a sha256)
+    and inside ``directory`` (:func:`contained`). Every file a reader opens goes through
+    this; a file the manifest does not list is refused."""
+    label = label or str(directory)
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not isinstance(name, str) or name not in files:
+        raise ModelError(f"{label}: {name!r} is not listed in the manifest's files (no sha256 "
+                         "vouches for it); refusing to open it, re-export the model")
+    return contained(directory, name, label)
+
+
+def verified_file(directory: str | os.PathLike, manifest: dict[str, Any], name: Any,
+                  label: str | None = None) -> Path:
+    """:func:`model_file`, with its sha256 checked now (right before it is opened)."""
+    label = label or str(directory)
+    path = model_file(directory, manifest, name, label)
+    _check_hash(path, name, manifest["files"][name], label)
+    return path
+
+
+def referenced_files(manifest: dict[str, Any]) -> list[Any]:
+    """The files a model manifest's readers open: each graph's file and the torch weights."""
+    graphs = manifest.get("graphs")
+    names = [g.get("file") for g in graphs.values()] if isinstance(graphs, dict) else []
+    if manifest.get("torch_weights"):
+        names.append(manifest["torch_weights"])
+    return names
 
 
 def write_manifest(directory: str | os.PathLike, manifest: dict[str, Any],
@@ -100,19 +117,27 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
     return data
 
 
-def verify_files(directory: Path, manifest: dict[str, Any], label: str) -> None:
+def _check_hash(path: Path, name: str, expected: Any, label: str) -> None:
+    if not path.is_file():
+        raise ModelError(f"{label}: {name} is missing; re-export the model")
+    actual = sha256_file(path)
+    if actual != expected:
+        raise ModelError(
+            f"{label}: {name} does not match its manifest (sha256 {actual[:12]}... != "
+            f"{str(expected)[:12]}...); the file was changed or truncated, re-export it")
+
+
+def verify_files(directory: Path, manifest: dict[str, Any], label: str,
+                 referenced: list[Any] | None = None) -> None:
+    """Check every file of ``files`` (inside ``directory``, present, same sha256), and that
+    each name in ``referenced`` is one of them."""
     files = manifest.get("files")
     if not isinstance(files, dict) or not files:
         raise ModelError(f"{label}: the manifest lists no files; re-export the model")
+    for name in referenced or ():
+        model_file(directory, manifest, name, label)
     for fname, expected in files.items():
-        p = directory / fname
-        if not p.is_file():
-            raise ModelError(f"{label}: {fname} is missing; re-export the model")
-        actual = sha256_file(p)
-        if actual != expected:
-            raise ModelError(
-                f"{label}: {fname} does not match its manifest (sha256 {actual[:12]}... != "
-                f"{str(expected)[:12]}...); the file was changed or truncated, re-export it")
+        _check_hash(contained(directory, fname, label), fname, expected, label)
 
 
 def load_manifest(directory: str | os.PathLike, verify: bool = True,
@@ -126,5 +151,46 @@ def load_manifest(directory: str | os.PathLike, verify: bool = True,
         raise ModelError(f"{directory} holds a {manifest.get('task')!r} model, "
                          f"expected a {task!r} model")
     if verify:
-        verify_files(directory, manifest, str(directory))
+        verify_files(directory, manifest, str(directory), referenced_files(manifest))
     return manifest
+
+
+def carry_builds(final: str | os.PathLike, staged: str | os.PathLike, graph_files: list[str],
+                 force: bool = False) -> list[str]:
+    """Before a re-export of ``final`` is switched in from ``staged``: keep the builds of the
+    old export when its graphs are byte for byte those of the new one (hard links into
+    ``staged/builds``, a copy where links are not possible); otherwise refuse, unless
+    ``force``, since the builds would no longer match the graph. Returns the builds kept."""
+    final, staged = Path(final), Path(staged)
+    builds = final / "builds"
+    names = sorted(p.name for p in builds.iterdir()
+                   if p.is_dir() and not p.name.startswith(".")) if builds.is_dir() else []
+    if not names:
+        return []
+    try:
+        old = load_manifest(final, verify=False).get("files", {})
+    except ModelError:
+        old = {}
+    new = hash_files(staged, graph_files)
+    changed = [f for f in graph_files if old.get(f) != new[f]]
+    if not changed:
+        def link(src, dst):
+            try:
+                os.link(src, dst)
+            except OSError:
+                shutil.copy2(src, dst)
+        shutil.copytree(builds, staged / "builds", copy_function=link, symlinks=True,
+                        ignore=shutil.ignore_patterns(".*"))
+        log.info("%s: the graph is unchanged; kept its %d build(s)", final, len(names))
+        return names
+    what = ", ".join(f"{f} (sha256 {str(old.get(f) or 'none')[:12]}... -> {new[f][:12]}...)"
+                     for f in changed)
+    if not force:
+        raise InputError(f"{final} holds {len(names)} engine build(s) ({', '.join(names)}) of "
+                         f"its current graph, and this export changes {what}: the builds would "
+                         "no longer match it. Nothing was changed; pass --force (force=True) "
+                         "to replace the model and drop its builds, or export to another "
+                         "directory")
+    log.warning("%s: the graph changed (%s); its %d build(s) are dropped (forced)", final, what,
+                len(names))
+    return []

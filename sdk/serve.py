@@ -15,6 +15,8 @@ itself as the body, with ``Content-Type: image/...`` and ``k`` in the query stri
                                                 "ms": {detect, embed, total}}
     POST /identify  {"image": B64, "k": 5}  -> faces with "candidates" [{id, score}] from
                                                gallery.search and "match" from gallery.identify
+                                               (null, with "no_verdict" saying why, when the
+                                               recognizer has random weights)
     GET  /health                            -> {"status": "ok", "gallery": rows or null}
     GET  /                                  -> the models and endpoints
 
@@ -38,7 +40,7 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from .errors import EngineUnavailable, InputError, KpfaceError
+from .errors import EngineUnavailable, InputError, KpfaceError, RandomWeightsError
 from .serving import DetectStage, EmbedStage, check_k, jsonable, stages_info
 
 log = logging.getLogger(__name__)
@@ -46,7 +48,7 @@ log = logging.getLogger(__name__)
 APP_NAME = "kpface"
 DEFAULT_PORT = 8000
 MAX_BODY_BYTES = 32 << 20
-GALLERY_OPENER = "kpface.gallery:Gallery.open"
+GALLERY_OPENER = "kpface.gallery:open_for_models"  # (path, models_dir, **options)
 
 
 class HttpError(Exception):
@@ -102,15 +104,20 @@ class Detector:
 
     def __init__(self, recognizer, models_dir: str, info: dict, threads: int = 1,
                  gallery_path: str | None = None,
-                 gallery_opener: str | Callable = GALLERY_OPENER, **options):
+                 gallery_opener: str | Callable = GALLERY_OPENER, allow_random: bool = False,
+                 **options):
         self.stage = DetectStage(models_dir, threads=threads, **options)
-        self.recognizer, self.info = recognizer, info
+        self.recognizer, self.info, self.allow_random = recognizer, info, allow_random
         # One thread owns the gallery (SQLite connections belong to the thread that opened them).
         self._gallery_thread = concurrent.futures.ThreadPoolExecutor(1, "kpface-gallery")
         self.gallery = None
         if gallery_path:
+            # The gallery is opened for this server's recognizer: one whose embeddings come
+            # from another model is refused.
             opener = resolve(gallery_opener)
-            self.gallery = self._gallery_thread.submit(opener, gallery_path).result()
+            rec = {k: options[k] for k in ("runtime", "precision") if k in options}
+            self.gallery = self._gallery_thread.submit(opener, gallery_path, models_dir,
+                                                       **rec).result()
 
     async def _on_gallery(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._gallery_thread, fn, *args)
@@ -221,7 +228,11 @@ class Detector:
                 d = face.to_dict(embedding=False)
                 d["candidates"] = [{"id": jsonable(j), "score": round(float(s), 6)}
                                    for j, s in zip(ids[i], scores[i]) if j is not None]
-                d["match"] = jsonable(await self._on_gallery(self.gallery.identify, emb[i]))
+                try:
+                    d["match"] = jsonable(await self._on_gallery(
+                        self.gallery.identify, emb[i], self.allow_random))
+                except RandomWeightsError as e:  # scores yes, an identity verdict no
+                    d["match"], d["no_verdict"] = None, str(e)
                 out.append(d)
         return {"faces": out, "models": self.info, "ms": ms}
 
@@ -230,8 +241,12 @@ def build_app(models_dir: str, threads: int = 1, gallery: str | None = None,
               replicas: int = 1, cpus_per_replica: float | None = None,
               max_batch_size: int = 8, batch_wait_ms: float = 0.0,
               gallery_opener: str | Callable = GALLERY_OPENER, use_keypoints: bool = True,
-              **pipeline_options):
+              allow_random: bool = False, min_face: float | None = None,
+              score: float | None = None, **pipeline_options):
     """The bound application: the detector (HTTP ingress) in front of the recognizer.
+
+    ``min_face`` / ``score``: what the detector reports (None: its defaults; see
+    :mod:`kpface.models.mtcnn`).
 
     ``batch_wait_ms`` 0 batches what queued up while the recognizer was busy, and adds no
     wait to a lone request; a longer wait forms larger batches at a light load.
@@ -246,7 +261,8 @@ def build_app(models_dir: str, threads: int = 1, gallery: str | None = None,
     info = stages_info(models_dir, use_keypoints=use_keypoints)
     return Detector.options(**opts).bind(rec, models_dir, info, threads=threads,
                                          gallery_path=gallery, gallery_opener=gallery_opener,
-                                         use_keypoints=use_keypoints, **pipeline_options)
+                                         allow_random=allow_random, use_keypoints=use_keypoints,
+                                         min_face=min_face, score=score, **pipeline_options)
 
 
 def check_address(host: str, port: int) -> None:

@@ -76,12 +76,14 @@ class DetectStage:
 
     def __init__(self, models_dir: str | os.PathLike, threads: int | None = 1,
                  runtime: str = "onnxruntime", precision: str = "fp32",
-                 use_keypoints: bool = True):
+                 use_keypoints: bool = True, min_face: float | None = None,
+                 score: float | None = None):
         from .detect import load_detector, load_keypoints
         from .pipeline import FacePipeline
         root = _models_root(models_dir)
+        options = {k: v for k, v in (("min_face", min_face), ("score", score)) if v is not None}
         detector = load_detector(root / "detector", runtime=runtime, precision=precision,
-                                 threads=threads)
+                                 threads=threads, **options)
         kp_dir = keypoints_dir(root, use_keypoints)
         keypoints = None if kp_dir is None else load_keypoints(
             kp_dir, runtime=runtime, precision=precision, threads=threads)

@@ -306,3 +306,29 @@ def test_no_stand_in_inputs_without_real_photos(models_dir, tmp_path, monkeypatc
         text = report["settings"][key]
         assert text.startswith("not made") and "random" not in text and "noise" not in text
     assert "not measured" in (tmp_path / "report.md").read_text().lower()
+
+
+def test_other_recognizer_folders_are_planned(models, tmp_path):
+    """A recognizer beside recognizer/ (the demo's vit_kprpe_small/ next to dlib's) gets rows
+    at every batch, and the KP-RPE overhead pair is taken from it when it is the KP-RPE ViT."""
+    from kpface.bench.builds import engine_table
+    from kpface.bench.inputs import BenchInputs
+    from kpface.bench.plan import make_plan, other_recognizers
+    from kpface.bench.settings import Settings
+    root, plain = models
+    two = tmp_path / "models"
+    shutil.copytree(plain, two / "recognizer")               # a plain ViT answers
+    shutil.copytree(root / "recognizer", two / "vit_kprpe_tiny")  # the KP-RPE ViT beside it
+    (two / "baselines").mkdir()
+    assert [s.folder for s in other_recognizers(two)] == ["vit_kprpe_tiny"]
+    s = Settings.make(two, tmp_path / "out", ["onnxruntime"], None, BATCHES, 2, 0, 1, plain,
+                      ["embed"], 64, 1, False, True, 1, 60.0)
+    plan = make_plan(s, engine_table(["onnxruntime"]), BenchInputs(max(BATCHES)), lambda m: None)
+    ids = [c.id for c in plan.configs]
+    assert len(ids) == len(set(ids))
+    for b in BATCHES:
+        assert f"embed/vit_kprpe_tiny/onnxruntime-fp32/b{b}" in ids
+        assert f"embed/recognizer/onnxruntime-fp32/b{b}" in ids
+    assert plan.overhead is not None, plan.overhead_skip
+    assert plan.overhead["kprpe"] == "vit_kprpe_tiny"
+    assert plan.overhead["plain"] == f"baselines/{PLAIN_ARCH}"

@@ -1,8 +1,8 @@
 """The cluster path on a local Ray instance (2 CPUs): Ray Data enrolment and the Serve app.
 
 One Ray session serves the whole module; its fixture stops it and checks that every process it
-started has exited. The gallery is a stand-in with the API of ``kpface.gallery.Gallery`` (add,
-search, identify, len, open), so these tests do not depend on the gallery's implementation.
+started has exited. Enrolment and serving write and read real ``kpface.gallery.Gallery``
+files; a stand-in gallery that records its ``add`` calls checks how the stream is chunked.
 """
 import base64
 import http.client
@@ -68,21 +68,14 @@ def local_embeddings(models_dir, folder):
 
 
 class StandInGallery:
-    """What the enrolment and the server need of kpface.gallery.Gallery: exact cosine search."""
+    """A recorder of ``add`` calls with kpface.gallery.Gallery's API (exact cosine search):
+    checks how the enrolment stream is chunked, and stands in where no file is needed."""
 
     def __init__(self, ids=(), embeddings=None, labels=(), threshold=0.5):
         self.ids, self.labels = list(ids), list(labels)
         self.emb = np.zeros((0, 512), np.float32) if embeddings is None else embeddings
         self.threshold = threshold
         self.add_calls = []
-
-    @classmethod
-    def open(cls, path):
-        with np.load(path) as d:
-            return cls(d["ids"].tolist(), d["emb"], d["labels"].tolist())
-
-    def save(self, path):
-        np.savez(path, ids=np.array(self.ids), emb=self.emb, labels=np.array(self.labels))
 
     def add(self, ids, embeddings, labels=None):
         self.add_calls.append(len(ids))
@@ -202,12 +195,23 @@ def test_enroll_adds_in_chunks_and_reports_failures():
 
 # -- Ray Data enrolment ---------------------------------------------------------------------------
 
-def test_ray_enrolment_equals_local(local_ray, models_dir, photos, expected):
+def rows_of(path):
+    """Every row of a gallery file: id -> (label, embedding)."""
+    from kpface.gallery import Gallery
+    with Gallery.open(path, create=False) as g:
+        ids = sorted(r[0] for r in g.store.db.execute("SELECT id FROM faces"))
+        emb, labels = g.get(ids)
+    return {i: (l_, e) for i, l_, e in zip(ids, labels, emb)}
+
+
+def test_ray_enrolment_equals_local(local_ray, models_dir, photos, expected, tmp_path):
     from kpface.cluster import enroll_with_ray
-    g = StandInGallery()
-    s = enroll_with_ray(photos, g, models_dir=models_dir, workers=2, threads=1, batch_size=1)
-    assert sorted(g.ids) == sorted(expected) and len(expected) == 6
-    for id_, label, emb in zip(g.ids, g.labels, g.emb):
+    from kpface.gallery import Gallery
+    with Gallery.open(tmp_path / "g.kpg", model=models_dir) as g:
+        s = enroll_with_ray(photos, g, models_dir=models_dir, workers=2, threads=1, batch_size=1)
+    rows = rows_of(tmp_path / "g.kpg")
+    assert sorted(rows) == sorted(expected) and len(expected) == 6
+    for id_, (label, emb) in rows.items():
         assert label == id_.split("/")[0]
         assert np.abs(emb - expected[id_]).max() <= 1e-5, id_
         assert abs(float(np.linalg.norm(emb)) - 1.0) < 1e-5
@@ -218,14 +222,30 @@ def test_ray_enrolment_equals_local(local_ray, models_dir, photos, expected):
     assert len(s.workers) == 2  # both actors got work: each opened its own pipeline
 
 
-def test_gallery_cli_seam(local_ray, models_dir, photos, expected, capsys):
+def test_gallery_enroll_cli_ray_and_local_give_the_same_rows(local_ray, models_dir, photos,
+                                                              expected, tmp_path, capsys):
+    from kpface.cli import main
+    common = ["--models", str(models_dir), "--threads", "1"]
+    assert main(["gallery", "enroll", str(photos), "--gallery", str(tmp_path / "ray.kpg"),
+                 "--ray", "--workers", "1", "--batch-size", "8", *common]) == 0
+    out, err = capsys.readouterr()
+    assert "enrolled 6 of 8 image(s)" in out and "on 1 Ray worker(s)" in out
+    assert err.count("skipped: ") == 2 and "6 row(s), 2 identities" in out
+    assert main(["gallery", "enroll", str(photos), "--gallery", str(tmp_path / "local.kpg"),
+                 *common]) == 0
+    ray_rows, local_rows = rows_of(tmp_path / "ray.kpg"), rows_of(tmp_path / "local.kpg")
+    assert sorted(ray_rows) == sorted(local_rows) == sorted(expected)
+    for id_, (label, emb) in ray_rows.items():
+        assert label == local_rows[id_][0]
+        assert np.abs(emb - local_rows[id_][1]).max() <= 1e-5
+        assert np.abs(emb - expected[id_]).max() <= 1e-5
+
+
+def test_enroll_ray_streams_one_chunk(local_ray, models_dir, photos, expected):
     g = StandInGallery()
     args = Namespace(dir=str(photos), ray=LOCAL, models=str(models_dir), workers=1,
                      threads=1, batch_size=8, debug=False)
     assert enroll_ray(args, g) == 0
-    out, err = capsys.readouterr()
-    assert "enrolled 6 of 8 image(s)" in out and "on 1 Ray worker(s)" in out
-    assert err.count("skipped: ") == 2
     assert g.add_calls == [6]  # streamed results, one chunk
     assert max(np.abs(e - expected[i]).max() for i, e in zip(g.ids, g.emb)) <= 1e-5
 
@@ -273,15 +293,14 @@ def b64(path):
 @pytest.fixture(scope="module")
 def served(local_ray, models_dir, expected, photos, tmp_path_factory):
     from kpface import serve as kserve
-    gallery_file = tmp_path_factory.mktemp("gallery") / "g.npz"
-    g = StandInGallery()
-    g.add(["eileen/0.png", "cameraman/0.png"],
-          np.stack([expected["eileen/0.png"], expected["cameraman/0.png"]]),
-          labels=["eileen", "cameraman"])
-    g.save(gallery_file)
+    from kpface.gallery import Gallery
+    gallery_file = tmp_path_factory.mktemp("gallery") / "g.kpg"
+    with Gallery.open(gallery_file, model=models_dir) as g:  # the served recognizer's gallery
+        g.add(["eileen/0.png", "cameraman/0.png"],
+              np.stack([expected["eileen/0.png"], expected["cameraman/0.png"]]),
+              labels=["eileen", "cameraman"])
     app = kserve.build_app(str(models_dir), threads=1, gallery=str(gallery_file),
-                           cpus_per_replica=0.5, max_batch_size=8, batch_wait_ms=50,
-                           gallery_opener=StandInGallery.open)
+                           cpus_per_replica=0.5, max_batch_size=8, batch_wait_ms=50)
     url = kserve.start(app, port=free_port())
     assert url.startswith("http://127.0.0.1:")
     yield url
@@ -334,11 +353,34 @@ def test_serve_identify(served, photos):
     face = out["faces"][0]
     assert [c["id"] for c in face["candidates"]] == ["eileen/0.png", "cameraman/0.png"]
     assert face["candidates"][0]["score"] == pytest.approx(1.0, abs=1e-5)
-    assert face["match"] == {"id": "eileen/0.png", "label": "eileen",
-                             "score": face["match"]["score"], "match": True}
+    # The tiny test recognizer has random weights: scores, but no identity verdict.
+    assert face["match"] is None and "RANDOM weights" in face["no_verdict"]
     assert "embedding" not in face
     with urllib.request.urlopen(served + "/health", timeout=30) as r:
         assert json.loads(r.read())["gallery"] == 2
+
+
+def test_serve_identify_verdict_and_refusals(local_ray, models_dir, expected, photos, tmp_path):
+    """With --allow-random the verdict comes from the real gallery's identify; a gallery made
+    by another recognizer is refused when the server starts."""
+    import shutil
+
+    from kpface import serve as kserve
+    from kpface.gallery import Gallery
+    path = tmp_path / "g.kpg"
+    with Gallery.open(path, model=models_dir) as g:
+        g.add(["eileen/0.png"], expected["eileen/0.png"][None], labels=["eileen"])
+        threshold = g.threshold
+    det = kserve.Detector.func_or_class(None, str(models_dir), {}, gallery_path=str(path),
+                                        allow_random=True)
+    assert det.gallery.identify(expected["eileen/0.png"], allow_random=True).label == "eileen"
+    other = tmp_path / "other"
+    shutil.copytree(models_dir, other)
+    m = json.loads((other / "recognizer" / "manifest.json").read_text())
+    (other / "recognizer" / "manifest.json").write_text(json.dumps({**m, "threshold": 0.99}))
+    with pytest.raises(ModelError, match="another recognizer"):
+        kserve.Detector.func_or_class(None, str(other), {}, gallery_path=str(path))
+    assert threshold == m["threshold"]  # a new gallery takes its recognizer's threshold
 
 
 def test_recognizer_batches_concurrent_requests(served, models_dir, photos):

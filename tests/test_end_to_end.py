@@ -95,12 +95,18 @@ def test_example_enroll_and_identify(models_dir, astronaut_png, tmp_path):
     people = tmp_path / "people" / "eileen"
     people.mkdir(parents=True)
     (people / "a.png").write_bytes(astronaut_png.read_bytes())
-    p = subprocess.run([sys.executable, str(ROOT / "examples/enroll_and_identify.py"),
-                        str(tmp_path / "people"), str(astronaut_png), "--models", str(models_dir),
-                        "--gallery", str(tmp_path / "g.npz")],
-                       capture_output=True, text=True, timeout=120)
+    cmd = [sys.executable, str(ROOT / "examples/enroll_and_identify.py"), str(tmp_path / "people"),
+           str(astronaut_png), "--models", str(models_dir), "--gallery", str(tmp_path / "g.kpg")]
+    p = subprocess.run(cmd + ["--allow-random"], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     assert "enrolled eileen: 1 photo(s)" in p.stdout and ": eileen (cosine 1.000)" in p.stdout
+    # Second run: the gallery file is reused (no enrolment); without --allow-random the
+    # random-weight recognizer gives the closest row and its score, but no verdict.
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert "enrolled" not in p.stdout
+    assert "closest eileen/a.png (cosine 1.000); no identity verdict" in p.stdout
+    assert "RANDOM weights" in p.stdout
 
 
 def test_pipeline_is_torch_free(models_dir, astronaut_png):

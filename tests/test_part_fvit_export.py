@@ -272,3 +272,32 @@ def test_mirror_sum_adds_the_mirror_view_before_normalising(exported):
     # The mirror view counts (little, with random weights: the CLS token dominates).
     assert np.abs(single.embedding - want).max() > 1e-4
     np.testing.assert_allclose(both.dense_landmarks, single.dense_landmarks, atol=1e-3)
+
+
+def test_run_draw_shows_the_196_points(models_dir, exported, astronaut_png, tmp_path):
+    """`kpface run --draw` with Part fViT as the recognizer: MTCNN finds the face, the JSON
+    carries its 196 points in image pixels and the drawing has a dot at each of them."""
+    import shutil
+
+    import cv2
+
+    from test_cli import kpface
+    models = tmp_path / "models"
+    shutil.copytree(models_dir / "detector", models / "detector")
+    shutil.copytree(exported["gather"], models / "recognizer")
+    code, out, err = kpface("run", astronaut_png, "--models", models, "--json",
+                            tmp_path / "f.json", "--draw", tmp_path / "d.png")
+    assert code == 0, err
+    face = json.loads((tmp_path / "f.json").read_text())["images"][str(astronaut_png)][0]
+    points = np.array(face["dense_landmarks"])
+    assert points.shape == (196, 2)
+    x1, y1, x2, y2 = face["box"]
+    inside = ((points[:, 0] > x1 - 20) & (points[:, 0] < x2 + 20) & (points[:, 1] > y1 - 20)
+              & (points[:, 1] < y2 + 20))
+    assert inside.mean() > 0.9  # the points lie on the face the detector found
+    drawn, original = cv2.imread(str(tmp_path / "d.png")), cv2.imread(str(astronaut_png))
+    xy = np.round(points).astype(int)
+    dots = (drawn[xy[:, 1], xy[:, 0]] == (200, 200, 200)).all(axis=1)
+    assert dots.mean() > 0.8  # a few may sit under the box or the five landmarks
+    changed = (drawn != original).any(axis=2)
+    assert changed[xy[:, 1], xy[:, 0]].all()

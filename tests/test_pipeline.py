@@ -13,7 +13,7 @@ from kpface.errors import InputError, ModelError
 from kpface.landmarks import ARCFACE_TEMPLATE_112
 from kpface.manifest import load_manifest
 from kpface.models import Recognizer
-from kpface.pipeline import FacePipeline, Gallery, compare
+from kpface.pipeline import FacePipeline, compare
 from kpface.runtimes import open_session
 from kpface.samples import ASTRONAUT_BOX, ASTRONAUT_LANDMARKS, astronaut_bgr
 
@@ -184,25 +184,3 @@ def test_recognizer_reads_its_manifest(tiny_recognizer, astronaut):
         Recognizer(tiny_recognizer, manifest=dict(m, keypoints=dict(m["keypoints"], used=False)))
     with pytest.raises(InputError, match="convention"):
         rec.crop(astronaut, ASTRONAUT_LANDMARKS, convention="tilted")
-
-
-def test_gallery_enroll_identify_remove_save_load(tmp_path):
-    rng = np.random.default_rng(1)
-    alice, bob = rng.normal(size=(2, 512)).astype(np.float32)
-    g = Gallery(threshold=0.5)
-    g.enroll("alice", [alice, alice + 0.1 * rng.normal(size=512)])
-    g.enroll("bob", bob)
-    assert len(g) == 2 and g.names == ["alice", "bob"]
-    top = g.identify(alice + 0.05 * rng.normal(size=512), k=2)
-    assert top[0][0] == "alice" and top[0][2] and top[1][0] == "bob" and not top[1][2]
-    g.save(tmp_path / "g.npz")
-    h = Gallery.load(tmp_path / "g.npz")
-    assert h.names == g.names and h.threshold == 0.5
-    assert h.identify(bob)[0][0] == "bob"
-    h.remove("bob")
-    assert h.names == ["alice"]
-    with pytest.raises(InputError, match="not in the gallery"):
-        h.remove("bob")
-    (tmp_path / "bad.npz").write_bytes(b"nonsense")
-    with pytest.raises(InputError, match="not a kpface gallery"):
-        Gallery.load(tmp_path / "bad.npz")

@@ -143,3 +143,68 @@ def test_missing_engine_says_pip_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", None)
     ok, why = get_engine("tensorrt").available()
     assert not ok and "pip install 'kpface[tensorrt]'" in why
+
+
+DLIB_MANIFEST = {"name": "dlib", "preprocess": {"size": [150, 150], "color": "RGB",
+                                                "mean": [122.782, 117.001, 104.298],
+                                                "std": [256.0] * 3},
+                 "alignment": {"method": "dlib_face_chip", "size": 150, "padding": 0.25}}
+
+
+def test_a_manifest_alignment_gives_dlib_face_chips():
+    """dlib_resnet_v1's manifest: calibration and held-out crops are the pipeline's face chips
+    (kpface.facechip), not resized ArcFace crops."""
+    from kpface import samples
+    from kpface.facechip import chip_template, face_chip
+    d = cal.recognizer_data(DLIB_MANIFEST, n_calib=8, n_heldout=4, seed=0)
+    assert d.calibration.images.shape == (8, 3, 150, 150)
+    assert d.description["kind"] == "dlib_face_chip crops"
+    # Unjittered, the chip is exactly the pipeline's.
+    a = samples.astronaut_bgr()
+    chip, pts = cal.chip_crop(a, samples.ASTRONAUT_LANDMARKS)
+    want, m = face_chip(a, samples.ASTRONAUT_LANDMARKS)
+    np.testing.assert_array_equal(chip, want)
+    # Jittered crops keep the points near the chip template (a few percent of the chip).
+    kp = d.calibration.keypoints
+    assert np.abs(kp.mean(0) - chip_template() / 150).max() < 0.06
+    # A chip reaching past a 25x25 LFW crop is filled by reflection, not black.
+    lfw = samples.lfw_subset_bgr()[0]
+    small, _ = cal.chip_crop(lfw, samples.lfw_subset_landmarks(25, 25))
+    assert small.shape == (150, 150, 3) and (small.reshape(-1, 3).max(1) == 0).mean() < 0.01
+    with pytest.raises(InputError, match="cannot cut"):
+        cal.crop_fn({**DLIB_MANIFEST, "alignment": {"method": "other"}})
+
+
+def test_chip_jitter_moves_the_chip_as_the_jitter_says():
+    """The jitter is applied through the five points: the chip of the moved points equals the
+    unjittered chip warped by the jitter (up to interpolation), and the points follow."""
+    import cv2
+    from kpface import samples
+    a = samples.astronaut_bgr()
+    rng = np.random.default_rng(1)
+    aug = cal.Augment(flip=0.0, brightness=0.0, contrast=0.0)
+    chip, pts = cal.chip_crop(a, samples.ASTRONAUT_LANDMARKS, rng=rng, aug=aug)
+    j = cal._jitter(np.random.default_rng(1), aug, 150)
+    plain, plain_pts = cal.chip_crop(a, samples.ASTRONAUT_LANDMARKS)
+    warped = cv2.warpAffine(plain, j, (150, 150), flags=cv2.INTER_LINEAR)
+    inner = (slice(30, 120), slice(30, 120))
+    assert np.abs(warped[inner].astype(int) - chip[inner]).mean() < 4
+    moved = plain_pts @ j[:, :2].T + j[:, 2]
+    # dlib sizes its chip rectangle as (size * scale - 1): a twentieth of a pixel off exact.
+    np.testing.assert_allclose(pts, moved, atol=0.1)
+
+
+def test_ort_quantize_outputs_option():
+    from kpface.runtimes.onnxruntime_rt import DEFAULT_QUANTIZED_OUTPUTS, output_types
+    assert DEFAULT_QUANTIZED_OUTPUTS == ["Conv"]
+    assert output_types(True) == ["Conv", "MatMul", "Gemm"] and output_types(False) == []
+    assert output_types(["Gemm", "Conv"]) == ["Conv", "Gemm"] and output_types("MatMul") == ["MatMul"]
+    with pytest.raises(InputError, match="quantize_outputs"):
+        output_types(["Relu"])
+
+
+def test_ort_op_types_option_is_checked_before_quantizing(tmp_path):
+    from kpface.runtimes.onnxruntime_rt import quantize_int8
+    with pytest.raises(InputError, match="op_types"):
+        quantize_int8(tmp_path / "none.onnx", tmp_path / "out.onnx", None,
+                      {"op_types": ["Add"]})

@@ -150,6 +150,7 @@ class _LayerType(Enum):
     NORMALIZATION = 5
     SOFTMAX = 6
     REDUCE = 7
+    CONVOLUTION = 8
 
 
 class _Tensor:
@@ -174,9 +175,14 @@ class _Layer:
 class _Network:
     """The few INetworkDefinition calls the TensorRT adapter's description makes."""
 
-    def __init__(self, inputs, layers):
+    def __init__(self, inputs, layers, outputs=()):
         self._inputs, self._layers = [_Tensor(t) for t in inputs], layers
+        self._outputs = [_Tensor(t) for t in outputs]
         self.num_inputs, self.num_layers = len(inputs), len(layers)
+        self.num_outputs = len(outputs)
+
+    def get_output(self, i):
+        return self._outputs[i]
 
     def get_input(self, i):
         return self._inputs[i]

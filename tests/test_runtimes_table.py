@@ -81,7 +81,7 @@ def test_build_refuses_an_unknown_option_before_any_work(tiny_recognizer, monkey
 
 
 def test_parse_options():
-    from kpface.cli import parse_options
+    from kpface.export_cli import parse_options
     assert parse_options(["method=entropy", "per_channel=false", "profile=[1, 8, 16]",
                           "smooth_quant=0.5", "exclude=[\"a\"]", "note=a=b"]) == {
         "method": "entropy", "per_channel": False, "profile": [1, 8, 16], "smooth_quant": 0.5,

@@ -46,10 +46,12 @@ def _ensure(s: Settings, arch: str, d: Path, say: Callable[[str], None],
 
 
 def overhead_pair(s: Settings, rec_dir: Path | None, rec_man: dict | None,
-                  say: Callable[[str], None], notes: list[str]) -> dict[str, Any]:
+                  say: Callable[[str], None], notes: list[str], label: str = "recognizer"
+                  ) -> dict[str, Any]:
     """``{"models": [kprpe, plain], "kprpe": label, "plain": label}`` (each model a
     ``(label, dir, manifest)``); raises :class:`Skip` or a ``KpfaceError`` saying why there is
-    no pair. The models directory's recognizer is used for either side when it fits."""
+    no pair. The models directory's recognizer (``rec_dir``, reported as ``label``) is used for
+    either side when it fits."""
     root = s.models_dir / "baselines"
     if s.baseline_dir is not None:
         plain_dir = s.baseline_dir
@@ -70,14 +72,14 @@ def overhead_pair(s: Settings, rec_dir: Path | None, rec_man: dict | None,
     kprpe: Model
     if rec_man is not None and rec_man.get("config", {}).get("kprpe") and \
             same_vit(rec_man, plain_man):
-        kprpe = ("recognizer", rec_dir, rec_man)
+        kprpe = (label, rec_dir, rec_man)
     else:
         d = root / kprpe_arch
         man = _ensure(s, kprpe_arch, d, say, notes)
         if not same_vit(man, plain_man):
             raise Skip(f"{d} and {plain_dir} differ in more than KP-RPE")
         kprpe = (f"baselines/{kprpe_arch}", d, man)
-    plain_label = "recognizer" if plain_dir == rec_dir else f"baselines/{plain_man.get('arch')}"
+    plain_label = label if plain_dir == rec_dir else f"baselines/{plain_man.get('arch')}"
     plain: Model = (plain_label, plain_dir, plain_man)
     return {"models": [kprpe, plain], "kprpe": kprpe[0], "plain": plain_label}
 

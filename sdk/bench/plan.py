@@ -4,7 +4,11 @@ precision x batch, in run order, plus what was skipped and why.
 The models are rows of a table (:data:`DETECTOR`, :data:`KEYPOINTS`, :data:`RECOGNIZERS`): a
 folder of the models directory, the stage its rows belong to, how a bench process calls it
 (:data:`kpface.bench.calls.KINDS`) and which inputs feed it (:mod:`kpface.bench.inputs`).
-Another recognizer is one more :class:`ModelSpec` in :data:`RECOGNIZERS`.
+Another recognizer is one more :class:`ModelSpec` in :data:`RECOGNIZERS`; the recognizers of a
+run beside ``recognizer/`` come from :func:`extra_recognizers`: every other folder of the models
+directory that holds a recognizer (``kpface demo`` puts the KP-RPE ViT in ``vit_kprpe_small/``
+when ``recognizer/`` is dlib_resnet_v1), ``models_dir/recognizers/*`` and ``--recognizer DIR``.
+The KP-RPE overhead pair is taken from the first recognizer that is a KP-RPE ViT.
 """
 from __future__ import annotations
 
@@ -34,6 +38,7 @@ class ModelSpec:
     batched: bool = False  # measured at every recognizer batch, else at batch 1
     optional: str = ""    # why a missing folder is fine; "" means it is needed
     pipeline: bool = True  # part of the end-to-end pipeline (looked at for stage e2e too)
+    path: str | None = None  # the model directory when it is not models_dir/folder
 
 
 DETECTOR = ModelSpec("detector", "detector", "detect", "detector", "scene")
@@ -42,6 +47,55 @@ KEYPOINTS = ModelSpec("keypoints", "keypoints", "keypoints", "keypoints", "scene
 RECOGNIZER = ModelSpec("recognizer", "recognizer", "embed", "session", "faces", batched=True)
 # The first is the pipeline's recognizer (reference of the ratios); others get plain rows.
 RECOGNIZERS: tuple[ModelSpec, ...] = (RECOGNIZER,)
+NOT_MODELS = ("baselines", "builds", "recognizers")  # folders that hold no model itself
+
+
+def other_recognizers(models_dir: Path) -> tuple[ModelSpec, ...]:
+    """A ModelSpec per folder of ``models_dir`` (beside the table's) holding a recognizer."""
+    known = {spec.folder for spec in (DETECTOR, KEYPOINTS) + RECOGNIZERS}
+    out = []
+    for d in sorted(models_dir.iterdir()) if models_dir.is_dir() else []:
+        if d.name in known or d.name in NOT_MODELS or not d.is_dir():
+            continue
+        try:
+            man = manifest_or_none(d)
+        except KpfaceError:
+            continue
+        if man is not None and man.get("task") == "recognizer":
+            out.append(ModelSpec(d.name, "recognizer", "embed", "session", "faces",
+                                 batched=True, optional="another recognizer", pipeline=False))
+    return tuple(out)
+
+
+EXTRA_DIR = "recognizers"  # models_dir/recognizers/<name>/: more recognizers to measure
+
+
+def extra_recognizers(s: Settings) -> tuple[ModelSpec, ...]:
+    """The recognizers measured beside ``recognizer/``: the other recognizer folders of the
+    models directory (:func:`other_recognizers`, label: the folder), every model directory
+    under ``models_dir/recognizers/`` (label ``recognizers/<name>``), then ``s.recognizers``
+    (label: the manifest's arch, made unique), each once and never ``recognizer/`` itself."""
+    found: list[tuple[str, Path]] = [(spec.folder, s.models_dir / spec.folder)
+                                     for spec in other_recognizers(s.models_dir)]
+    sub = s.models_dir / EXTRA_DIR
+    if sub.is_dir():
+        found += [(f"{EXTRA_DIR}/{d.name}", d) for d in sorted(sub.iterdir())
+                  if manifest_or_none(d) is not None]
+    for d in s.recognizers:
+        arch = str((manifest_or_none(d, "recognizer") or {}).get("arch") or d.name)
+        label, i = arch, 2
+        while label in {lb for lb, _ in found} | {RECOGNIZER.folder}:
+            label, i = f"{arch}-{i}", i + 1
+        found.append((label, d))
+    seen = {(s.models_dir / RECOGNIZER.folder).resolve()}
+    specs = []
+    for label, d in found:
+        if d.resolve() in seen:
+            continue
+        seen.add(d.resolve())
+        specs.append(ModelSpec(label, "recognizer", "embed", "session", "faces", batched=True,
+                               pipeline=False, path=str(d)))
+    return tuple(specs)
 
 
 @dataclass(frozen=True)
@@ -106,6 +160,7 @@ class Plan:
     torch: tuple[bool, str] | None = None    # can torch eager run here (embed stage only)
     scene: str | None = None                 # input keys (kpface.bench.inputs)
     faces: str | None = None
+    recognizers: list[str] = field(default_factory=list)  # labels of extra recognizers
 
 
 class _Planner:
@@ -136,7 +191,8 @@ class _Planner:
         """The model folder of ``spec`` if the run needs it and it is there."""
         if not (self.wanted(spec) or (spec.pipeline and "e2e" in self.s.stages)):
             return None
-        root, d = self.s.models_dir, self.s.models_dir / spec.folder
+        root = self.s.models_dir
+        d = Path(spec.path) if spec.path else root / spec.folder
         man = manifest_or_none(d, spec.task)
         if man is None:
             if not spec.optional:
@@ -197,13 +253,18 @@ class _Planner:
         then its builds, then torch eager; then any further recognizers."""
         s, plan = self.s, self.plan
         rec = self.look(RECOGNIZER)
+        others = RECOGNIZERS[1:] + extra_recognizers(s)
+        found = [f for f in [rec] + [self.look(spec) for spec in others] if f is not None]
         if rec is not None:
             plan.faces = self.inputs.add_faces(rec.manifest)
+        # The KP-RPE overhead is measured on the first recognizer that is a KP-RPE ViT.
+        kp = next((f for f in found if f.manifest.get("config", {}).get("kprpe")), rec)
         if self.wanted(RECOGNIZER):
             try:
-                plan.overhead = overhead_pair(s, rec.dir if rec else None,
-                                              rec.manifest if rec else None, self.say,
-                                              plan.notes)
+                plan.overhead = overhead_pair(s, kp.dir if kp else None,
+                                              kp.manifest if kp else None, self.say,
+                                              plan.notes, label=kp.spec.folder if kp else
+                                              RECOGNIZER.folder)
                 for label, d, man in plan.overhead["models"]:
                     if label not in plan.models:
                         self.add_model(label, d, man)
@@ -215,7 +276,8 @@ class _Planner:
         if rec is not None and self.wanted(RECOGNIZER):
             plan.skipped += rec.skipped
             ref = rec.entries[0]
-            extra = [m for m in (plan.overhead or {}).get("models", []) if m[0] != "recognizer"]
+            folders = {f.spec.folder for f in found}
+            extra = [m for m in (plan.overhead or {}).get("models", []) if m[0] not in folders]
             for b in s.batches:
                 plan.configs.append(self.config("embed", "recognizer", rec.dir, rec.manifest,
                                                 ref, b, "session", plan.faces))
@@ -235,8 +297,10 @@ class _Planner:
                     plan.configs.append(self.config("embed", "recognizer", rec.dir,
                                                     rec.manifest, Entry("torch", "fp32"), b,
                                                     "torch", plan.faces))
-        for spec in RECOGNIZERS[1:]:
+        for spec in others:
             self.single(spec)
+            if spec.folder in self.found:
+                plan.recognizers.append(spec.folder)
 
     def e2e(self) -> None:
         """FacePipeline on the scene, per recognizer build, with the detector (and keypoint

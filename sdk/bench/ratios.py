@@ -95,34 +95,39 @@ def kprpe_overhead(rows: list[dict], plan: Plan, s: Settings) -> Entries:
 
 
 def int8_speedup(rows: list[dict], plan: Plan, s: Settings) -> Entries:
-    """fp32 p50 / int8 p50 of the recognizer per runtime with an int8 build, at batch 8 (or
-    the largest batch)."""
+    """fp32 p50 / int8 p50 of each recognizer per runtime with an int8 build, at every batch;
+    ``value`` is batch 8's (or the largest batch's). The pipeline's recognizer is
+    ``int8_speedup_<runtime>``, another recognizer folder ``int8_speedup_<runtime>:<folder>``."""
     big = 8 if 8 in s.batches else max(s.batches)
     out: Entries = {}
-    runtimes = sorted({r["runtime"] for r in rows if r.get("stage") == "embed"
-                       and r.get("model") == "recognizer" and r.get("precision") == "int8"})
-    for rt in runtimes:
-        fp32 = p50(rows, stage="embed", model="recognizer", runtime=rt, precision="fp32",
-                   batch=big)
-        int8 = p50(rows, stage="embed", model="recognizer", runtime=rt, precision="int8",
-                   batch=big)
-        if fp32 is None or int8 is None:
-            out[f"int8_speedup_{rt}"] = {"status": "skipped", "reason":
-                                         f"needs both {rt} fp32 and int8 at batch {big}"}
+    keys = sorted({(r["model"], r["runtime"]) for r in rows if r.get("stage") == "embed"
+                   and r.get("precision") == "int8" and r.get("runtime") != "torch"},
+                  key=lambda k: (k[0] != "recognizer", k))
+    for model, rt in keys:
+        name = f"int8_speedup_{rt}" + ("" if model == "recognizer" else f":{model}")
+        by_batch = {str(b): _ratio(
+            p50(rows, stage="embed", model=model, runtime=rt, precision="fp32", batch=b),
+            p50(rows, stage="embed", model=model, runtime=rt, precision="int8", batch=b))
+            for b in s.batches}
+        if by_batch.get(str(big)) is None:
+            out[name] = {"status": "skipped", "reason":
+                         f"needs both {rt} fp32 and int8 of {model} at batch {big}"}
             continue
-        # Every fp32 form of this runtime (model.onnx, builds with options): the fastest too.
+        # Every fp32 form of this model on this runtime (model.onnx, builds with options): the
+        # fastest too.
         forms = {r.get("variant", ""): r["latency_ms"]["p50"] for r in rows
                  if r.get("status") == "ok" and r.get("stage") == "embed"
-                 and r.get("model") == "recognizer" and r.get("runtime") == rt
+                 and r.get("model") == model and r.get("runtime") == rt
                  and r.get("precision") == "fp32" and r.get("batch") == big}
+        int8 = p50(rows, stage="embed", model=model, runtime=rt, precision="int8", batch=big)
         best = min(forms, key=forms.get)
-        out[f"int8_speedup_{rt}"] = {
-            "status": "ok", "batch": big, "value": fp32 / int8,
-            "definition": f"{rt} fp32 p50 / {rt} int8 p50",
-            "vs_fastest_fp32": {"value": forms[best] / int8, "fp32_variant": best}}
-    if not runtimes:
+        out[name] = {"status": "ok", "batch": big, "value": by_batch[str(big)],
+                     "by_batch": by_batch,
+                     "definition": f"{rt} fp32 p50 / {rt} int8 p50 ({model})",
+                     "vs_fastest_fp32": {"value": forms[best] / int8, "fp32_variant": best}}
+    if not any(model == "recognizer" for model, _ in keys):
         out["int8_speedup"] = {"status": "skipped",
-                               "reason": "no int8 recognizer build was measured"}
+                               "reason": "no int8 build of recognizer/ was measured"}
     return out
 
 
@@ -168,8 +173,28 @@ def rss_over_file(rows: list[dict], plan: Plan, s: Settings) -> Entries:
                       "the model files it opened"}}
 
 
+def other_recognizers(rows: list[dict], plan: Plan, s: Settings) -> Entries:
+    """For each recognizer measured beside ``recognizer/`` (label L): ``latency_vs_recognizer:L``
+    = L's p50 / recognizer's p50 (ONNX Runtime fp32, per batch). Its int8 speed-ups are
+    :func:`int8_speedup`'s ``int8_speedup_RT:L``."""
+    out: Entries = {}
+    for label in plan.recognizers:
+        by_batch = {str(b): _ratio(
+            p50(rows, stage="embed", model=label, runtime="onnxruntime", precision="fp32",
+                batch=b),
+            p50(rows, stage="embed", model="recognizer", runtime="onnxruntime",
+                precision="fp32", batch=b)) for b in s.batches}
+        ok = any(v is not None for v in by_batch.values())
+        out[f"latency_vs_recognizer:{label}"] = {
+            "status": "ok" if ok else "skipped", "by_batch": by_batch,
+            "numerator": label, "denominator": "recognizer",
+            "definition": f"p50 of {label} / p50 of recognizer, ONNX Runtime fp32",
+            **({} if ok else {"reason": "a latency of the pair is missing (see errors)"})}
+    return out
+
+
 RATIOS: tuple[Callable[[list[dict], Plan, Settings], Entries], ...] = (
-    kprpe_overhead, int8_speedup, ort_vs_torch, rss_over_file)
+    kprpe_overhead, int8_speedup, ort_vs_torch, other_recognizers, rss_over_file)
 
 
 def ratios(rows: list[dict], plan: Plan, s: Settings) -> Entries:

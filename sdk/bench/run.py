@@ -60,8 +60,8 @@ def run_bench(models_dir: str | os.PathLike, out_dir: str | os.PathLike,
               threads: int = 2, baseline_dir: str | os.PathLike | None = None,
               progress: Progress | None = None, *, stages: Sequence[str] | None = None,
               gemm_size: int = 2048, gemm_repeats: int = 10, export_baselines: bool = True,
-              interleave: bool = True, rounds: int = 6, timeout_s: float = 600.0
-              ) -> dict[str, Any]:
+              interleave: bool = True, rounds: int = 6, timeout_s: float = 600.0,
+              recognizers: Sequence[str | os.PathLike] = ()) -> dict[str, Any]:
     """Benchmark every stage of ``models_dir`` and write ``out_dir/report.{md,json}`` + chart.
 
     ``models_dir`` holds ``detector/``, ``keypoints/`` (optional) and ``recognizer/`` model
@@ -79,10 +79,14 @@ def run_bench(models_dir: str | os.PathLike, out_dir: str | os.PathLike,
     their models in memory at once. ``interleave=False`` runs one configuration at a time.
     ``stages`` picks a subset of :data:`~kpface.bench.STAGES`; ``gemm_size``/``gemm_repeats``
     size the GEMM peak measurement; ``timeout_s`` bounds each request to a bench process.
+
+    More recognizers are measured beside ``recognizer/`` (same batches, builds and interleaved
+    groups, their own FLOPs, int8 speedups and latency relative to ``recognizer/``): every
+    model directory under ``models_dir/recognizers/`` and each of ``recognizers`` (paths).
     """
     s = Settings.make(models_dir, out_dir, runtimes, precisions, batches, repeats, warmup,
                       threads, baseline_dir, stages, gemm_size, gemm_repeats, export_baselines,
-                      interleave, rounds, timeout_s)
+                      interleave, rounds, timeout_s, recognizers)
     s.out_dir.mkdir(parents=True, exist_ok=True)
     say = progress or (lambda m: log.info("%s", m))
     t_start = time.perf_counter()

@@ -50,6 +50,7 @@ class Settings:
     interleave: bool
     rounds: int                            # 1 without interleave
     timeout_s: float
+    recognizers: tuple[Path, ...] = ()     # more recognizer dirs, measured beside recognizer/
 
     @classmethod
     def make(cls, models_dir: str | os.PathLike, out_dir: str | os.PathLike,
@@ -57,7 +58,8 @@ class Settings:
              batches: Sequence[int], repeats: int, warmup: int, threads: int,
              baseline_dir: str | os.PathLike | None, stages: Sequence[str] | None,
              gemm_size: int, gemm_repeats: int, export_baselines: bool, interleave: bool,
-             rounds: int, timeout_s: float) -> "Settings":
+             rounds: int, timeout_s: float, recognizers: Sequence[str | os.PathLike] = ()
+             ) -> "Settings":
         """Validated settings; bad values raise :class:`ModelError` / :class:`InputError`."""
         models_dir = Path(models_dir).expanduser()
         if not models_dir.is_dir():
@@ -72,6 +74,11 @@ class Settings:
         bad = [s for s in (stages or ()) if s not in STAGES]
         if bad:
             raise InputError(f"unknown stage(s) {bad}; choose from {', '.join(STAGES)}")
+        extra = tuple(Path(r).expanduser() for r in recognizers)
+        for r in extra:
+            if not (r / "manifest.json").is_file():
+                raise ModelError(f"--recognizer {r} is not a model directory (no manifest.json); "
+                                 "export one with `kpface export recognizer --out DIR`")
         return cls(models_dir=models_dir, out_dir=Path(out_dir).expanduser(),
                    runtimes=tuple(runtimes or ()) or None,
                    precisions=tuple(precisions or ()) or None,
@@ -81,7 +88,7 @@ class Settings:
                    stages=tuple(stages) if stages else STAGES, gemm_size=int(gemm_size),
                    gemm_repeats=int(gemm_repeats), export_baselines=bool(export_baselines),
                    interleave=bool(interleave), rounds=int(rounds) if interleave else 1,
-                   timeout_s=float(timeout_s))
+                   timeout_s=float(timeout_s), recognizers=extra)
 
     def as_report(self, scene: str | None, recognizer_inputs: str | None) -> dict:
         """The report's ``settings`` block."""
@@ -93,4 +100,5 @@ class Settings:
                 "stages": list(self.stages), "detector_input": list(DETECTOR_SIZE),
                 "models_dir": str(self.models_dir),
                 "baseline_dir": str(self.baseline_dir) if self.baseline_dir else None,
-                "scene": scene, "recognizer_inputs": recognizer_inputs}
+                "scene": scene, "recognizer_inputs": recognizer_inputs,
+                "recognizers": [str(r) for r in self.recognizers]}

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ModelError
+from ..errors import InputError, ModelError
 from ..landmarks import LANDMARK_ORDER
 from ..manifest import load_manifest
 
@@ -31,6 +31,29 @@ class Detection:
     def to_dict(self) -> dict[str, Any]:
         return {"box": [float(v) for v in self.box], "score": float(self.score),
                 "landmarks": np.asarray(self.landmarks, dtype=float).round(2).tolist()}
+
+
+def check_min_face(value, what: str = "min_face") -> float:
+    """``value`` as a float > 0, or InputError: below 1 a fraction of the shorter side, else
+    pixels."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        v = float("nan")
+    if not v > 0:
+        raise InputError(f"{what} must be a fraction of the image's shorter side (0 < x < 1) "
+                         f"or pixels (>= 1), got {value!r}")
+    return v
+
+
+def check_score(value, what: str = "score") -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        v = float("nan")
+    if not 0.0 <= v <= 1.0:
+        raise InputError(f"{what} must be a face probability in [0, 1], got {value!r}")
+    return v
 
 
 def label(manifest: dict) -> str:
@@ -75,7 +98,10 @@ def open_graph(model_dir, manifest: dict, graph: str = "model", runtime: str = "
 class Model:
     """A model directory of one task, opened on one runtime. Subclasses name the task and the
     architecture prefix they handle, read their constants from ``self.manifest`` and open their
-    graphs with :meth:`_session`."""
+    graphs with :meth:`_session`.
+
+    ``close()`` (or leaving a ``with`` block) closes the sessions it opened itself (not one a
+    caller handed in); a closed model refuses to run."""
 
     arch_prefix = ""
     task = ""
@@ -98,8 +124,29 @@ class Model:
         if self.landmarks_key:
             check_landmark_order(manifest, *self.landmarks_key)
         self._open_args = (runtime, precision, threads, device)
+        self._owned: list = []
 
-    def _session(self, graph: str = "model"):
+    def _session(self, graph: str = "model", threads: int | None = None):
+        """Open ``graph`` with this model's runtime, precision and device (and its thread count
+        unless ``threads`` is given); :meth:`close` closes it."""
         if self.model_dir is None:
             raise ModelError(f"{self.name}: no model directory to open graph {graph!r} from")
-        return open_graph(self.model_dir, self.manifest, graph, *self._open_args)
+        runtime, precision, own, device = self._open_args
+        session = open_graph(self.model_dir, self.manifest, graph, runtime, precision,
+                             threads or own, device)
+        self._owned.append(session)
+        return session
+
+    def close(self) -> None:
+        """Close the sessions this model opened (idempotent)."""
+        owned, self._owned = getattr(self, "_owned", []), []
+        for session in owned:
+            close = getattr(session, "close", None)
+            if close is not None:
+                close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

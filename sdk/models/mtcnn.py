@@ -1,10 +1,23 @@
 """MTCNN as a torch-free detector: an image pyramid through P-Net, NMS, then R-Net and O-Net
-refinement, in numpy. The cascade's constants (minimum face, scale factor, thresholds, NMS
-settings, crop sizes) come from the manifest's ``mtcnn`` block."""
+refinement, in numpy. The cascade's constants (scale factor, stage thresholds, NMS settings,
+crop sizes) come from the manifest's ``mtcnn`` block.
+
+What is reported is set by two arguments (``kpface run --min-face / --score``):
+
+* ``min_face``: the smallest face searched for. A value below 1 is a fraction of the image's
+  shorter side, 1 or more is pixels. Default 0.1 of the shorter side, as Google ML Kit's face
+  detector (``minFaceSize = 0.1``), but never below the manifest's ``min_face_size`` (20 px,
+  facenet-pytorch's default, the origin of the weights).
+* ``score``: the final (O-Net) face probability a face needs. Default 0.9, as OpenCV's YuNet
+  face detector (``conf_threshold = 0.9``); facenet-pytorch's cascade stops at 0.7, which let a
+  38-pixel non-face (score 0.94) through on scikit-image's camera() photo at 1000 pixels.
+
+An older manifest without ``min_face`` / ``score`` gets these same defaults."""
 from __future__ import annotations
 
 import logging
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
@@ -15,10 +28,12 @@ from ..align import _check_image
 from ..errors import InputError
 from ..postprocess import nms
 from ..preprocess import Normalizer
-from .base import Detection, Model, open_graph, require
+from .base import Detection, Model, check_min_face, check_score, require
 
 log = logging.getLogger(__name__)
 
+DEFAULT_MIN_FACE = 0.1   # of the shorter image side (Google ML Kit's minFaceSize)
+DEFAULT_SCORE = 0.9      # final face probability (OpenCV YuNet's conf_threshold)
 MAX_PYRAMID_WORKERS = 4  # pyramid levels run at once (at most the thread count)
 
 
@@ -43,27 +58,40 @@ def _regress(boxes: np.ndarray, reg: np.ndarray, plus_one: bool) -> np.ndarray:
 
 
 class MTCNNDetector(Model):
-    """MTCNN cascade: image pyramid through P-Net, NMS, R-Net and O-Net refinement (numpy)."""
+    """MTCNN cascade: image pyramid through P-Net, NMS, R-Net and O-Net refinement (numpy).
+
+    ``min_face``: smallest face searched for (below 1: fraction of the image's shorter side;
+    else pixels); ``score``: final face probability (see the module docstring for the
+    defaults); ``thresholds``: all three stage thresholds (``score`` replaces the last).
+    """
 
     arch_prefix = "mtcnn"
     task = "detector"
 
     def __init__(self, model_dir: str | os.PathLike, runtime: str = "onnxruntime",
                  precision: str = "fp32", threads: int | None = None,
-                 manifest: dict | None = None, min_face_size: int | None = None,
-                 thresholds: Sequence[float] | None = None, device: str | None = None):
+                 manifest: dict | None = None, min_face: float | None = None,
+                 score: float | None = None, thresholds: Sequence[float] | None = None,
+                 device: str | None = None):
         super().__init__(model_dir, runtime, precision, threads, manifest, device)
         self.norm = Normalizer(require(self.manifest, "preprocess"), self.name)
         cfg = require(self.manifest, "mtcnn")
-        self.min_face_size = int(min_face_size or cfg["min_face_size"])
+        # The floor: P-Net's window at the pyramid's first level (facenet-pytorch: 20 px).
+        self.min_face_size = int(cfg["min_face_size"])
+        self.min_face = check_min_face(min_face if min_face is not None
+                                       else cfg.get("min_face", DEFAULT_MIN_FACE))
         self.factor = float(cfg["scale_factor"])
         self.thresholds = [float(t) for t in (thresholds or cfg["thresholds"])]
+        if score is not None or thresholds is None:
+            self.thresholds[2] = check_score(score if score is not None
+                                             else cfg.get("score", DEFAULT_SCORE))
+        self.score = self.thresholds[2]
         self.stride, self.cell = int(cfg["pnet_stride"]), int(cfg["pnet_cell"])
         self.rnet_size, self.onet_size = int(cfg["rnet_size"]), int(cfg["onet_size"])
         self.nms_cfg = cfg["nms"]
-        if self.min_face_size < self.cell:
-            raise InputError(f"min_face_size must be >= {self.cell} pixels, "
-                             f"got {self.min_face_size}")
+        if self.min_face >= 1 and self.min_face < self.cell:
+            raise InputError(f"min_face must be >= {self.cell} pixels (P-Net's window), "
+                             f"got {self.min_face:g}")
         # The pyramid's levels are independent: on ONNX Runtime (whose runs are re-entrant and
         # concurrent) up to `threads` of them run at once, each on a one-thread P-Net session,
         # instead of one level at a time on `threads` threads, where the small levels leave
@@ -71,14 +99,28 @@ class MTCNNDetector(Model):
         from kpface.runtimes.engines import default_threads  # lazy, like every engine import
         self.workers = 1 if runtime != "onnxruntime" else \
             max(1, min(int(threads or default_threads()), MAX_PYRAMID_WORKERS))
-        self.pnet = open_graph(model_dir, self.manifest, "pnet", runtime, precision,
-                               1 if self.workers > 1 else threads, device)
+        self.pnet = self._session("pnet", threads=1 if self.workers > 1 else None)
         self.rnet = self._session("rnet")
         self.onet = self._session("onet")
         self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
+
+    def close(self) -> None:
+        """Stop the pyramid's worker threads, then close the sessions (idempotent)."""
+        with self._pool_lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
+        super().close()
+
+    def min_face_pixels(self, height: int, width: int) -> float:
+        """The smallest face searched for in a ``height`` x ``width`` image, in pixels."""
+        if self.min_face >= 1:
+            return self.min_face
+        return max(float(self.min_face_size), self.min_face * min(height, width))
 
     def scales(self, height: int, width: int) -> list[float]:
-        m = self.cell / self.min_face_size
+        m = self.cell / self.min_face_pixels(height, width)
         side = min(height, width) * m
         out = []
         while side >= self.cell:
@@ -117,14 +159,16 @@ class MTCNNDetector(Model):
             w = loads.index(min(loads))
             shares[w].append(k)
             loads[w] += scales[k] ** 2
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="kpface-pnet")
+        with self._pool_lock:  # detect() may be called from several threads at once
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="kpface-pnet")
+            pool = self._pool
         done: dict[int, np.ndarray | None] = {}
 
         def work(levels: list[int]) -> None:
             for k in levels:
                 done[k] = self._level(image, scales[k])
-        for f in [self._pool.submit(work, share) for share in shares if share]:
+        for f in [pool.submit(work, share) for share in shares if share]:
             f.result()
         return [done[k] for k in range(len(scales))]
 

@@ -14,7 +14,7 @@ from ..align import _check_image
 from ..errors import InputError
 from ..postprocess import decode_boxes, decode_landmarks, nms, prior_boxes
 from ..preprocess import Normalizer
-from .base import Detection, Model, require
+from .base import Detection, Model, check_min_face, check_score, require
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +28,16 @@ class RetinaFaceDetector(Model):
     def __init__(self, model_dir: str | os.PathLike, runtime: str = "onnxruntime",
                  precision: str = "fp32", threads: int | None = None,
                  manifest: dict | None = None, score_threshold: float | None = None,
-                 input_size: tuple[int, int] | None = None, device: str | None = None):
+                 input_size: tuple[int, int] | None = None, device: str | None = None,
+                 min_face: float | None = None, score: float | None = None):
+        """``score`` (or its older name ``score_threshold``): the face score a detection
+        needs (default: the manifest's, 0.5 as InsightFace's ``det_thresh``); ``min_face``:
+        drop faces whose larger side is smaller (below 1: a fraction of the image's shorter
+        side, else pixels; default none)."""
         super().__init__(model_dir, runtime, precision, threads, manifest, device)
+        if score is not None:
+            score_threshold = check_score(score)
+        self.min_face = None if min_face is None else check_min_face(min_face)
         m = self.manifest
         pre = require(m, "preprocess")
         self.norm = Normalizer(pre, self.name)
@@ -81,5 +89,10 @@ class RetinaFaceDetector(Model):
         scale = np.array([sx, sy], dtype=np.float32)
         boxes = ((boxes.reshape(-1, 2, 2) + 0.5) / scale - 0.5).reshape(-1, 4)
         lms = (lms + 0.5) / scale - 0.5
+        if self.min_face is not None:
+            h, w = image_bgr.shape[:2]
+            px = self.min_face if self.min_face >= 1 else self.min_face * min(h, w)
+            side = np.maximum(boxes[keep, 2] - boxes[keep, 0], boxes[keep, 3] - boxes[keep, 1])
+            keep = keep[side >= px]
         return [Detection(boxes[i].astype(np.float32), float(scores[idx[i]]),
                           lms[i].astype(np.float32)) for i in keep]
