@@ -380,7 +380,8 @@ def image_feeds(manifest: dict, graph: dict, n: int = 6, seed: int = 0,
                 batch: int = 2) -> list[dict[str, np.ndarray]]:
     """Held-out inputs for a graph with one ``image`` input [B, 3, H, W]: the astronaut, the
     cameraman and LFW faces, resized to H x W (dynamic sizes: the manifest's preprocess size,
-    else 160) and normalised as the manifest says."""
+    else 160) and normalised as the manifest's ``preprocess`` says (a manifest without mean,
+    std or colour order is refused, as when the model opens)."""
     inputs = graph.get("inputs", [])
     if [i["name"] for i in inputs] != ["image"]:
         raise InputError(f"no held-out data for a graph with inputs "
@@ -394,6 +395,5 @@ def image_feeds(manifest: dict, graph: dict, n: int = 6, seed: int = 0,
     sources = [samples.astronaut_bgr(), samples.camera_bgr()]
     sources += [lfw[i] for i in rng.choice(len(lfw), max(0, n - 2), replace=False)]
     imgs = np.stack([cv2.resize(im, (w, h), interpolation=cv2.INTER_AREA) for im in sources[:n]])
-    x = Normalizer({"mean": pre.get("mean", [127.5] * 3), "std": pre.get("std", [127.5] * 3),
-                    "color": pre.get("color", "RGB")}, label=str(manifest.get("name", "model")))(imgs)
+    x = Normalizer.from_manifest(manifest)(imgs)  # no guessed mean/std: the manifest's own
     return [{"image": x[i:i + batch]} for i in range(0, len(x), batch)]

@@ -85,9 +85,16 @@ def test_user_folder(tmp_path):
 
 def test_image_feeds_for_detector_graphs():
     graph = {"inputs": [{"name": "image", "shape": ["batch", 3, 24, 24]}]}
-    feeds = cal.image_feeds({"preprocess": {"mean": [127.5] * 3, "std": [128.0] * 3}}, graph)
+    pre = {"mean": [127.5] * 3, "std": [128.0] * 3, "color": "RGB"}
+    feeds = cal.image_feeds({"preprocess": pre}, graph)
     assert sum(len(f["image"]) for f in feeds) == 6
     assert feeds[0]["image"].shape[1:] == (3, 24, 24)
+    x = feeds[0]["image"]
+    assert x.min() >= -127.5 / 128 - 1e-6 and x.max() <= 127.5 / 128 + 1e-6  # the manifest's std
+    from kpface.errors import ModelError
+    for missing in ("mean", "std", "color"):  # nothing is guessed
+        with pytest.raises(ModelError):
+            cal.image_feeds({"preprocess": {k: v for k, v in pre.items() if k != missing}}, graph)
 
 
 def test_calibration_reads_images_like_everywhere_else(tmp_path):
