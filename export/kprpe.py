@@ -58,34 +58,45 @@ class KPRPE(nn.Module):
     """Geometry of KP-RPE for one ViT: no parameters, only precomputed buffers.
 
     The learned part is the ViT's ``keypoint_linear`` (2K -> 49*H*depth, rows in the
-    checkpoint's (block, head, bucket) order); :meth:`forward` turns keypoints into its input
-    and its output into one bias per block.
+    checkpoint's (block, head, bucket) order); :meth:`features` turns keypoints into its input
+    and :meth:`block_bias` its output into one block's bias.
 
-    Layout, chosen by measurement in ONNX Runtime (12 blocks x 8 heads, 2 threads): the rows
-    of ``keypoint_linear`` are read in (block, bucket, head) order through a constant
-    permutation (folded into the weights at export); one single-axis transpose brings batch
-    next to head, so each block gathers whole (batch, head) rows of 8*B values and needs only
-    a 2-D transpose to land in the attention's [B, H, N, N] layout. That is about 2.3x faster
-    at batch 8 and 2x at batch 1 than gathering single elements along the bucket axis.
+    Layout ("key rows", chosen by measurement on ONNX Runtime and OpenVINO, 12 blocks x 8
+    heads): block d's table holds, for each query i, head h and row bucket a, the biases of
+    one key row (the 14 keys of a patch row, in key order), so its bias [B, H, N, N] is one
+    Gather of whole 14-value rows in the attention's own layout: no transpose, and a table
+    of half the bias's size, made by one MatMul right before the block (it stays in cache).
+    The keypoint linear's weights and bias, read through the constant ``expand_index_d``, fold
+    into that MatMul's weight at export. Per block and batch 8 this cost about a third of the
+    previous form (a gather of (batch, head) rows from one table of all blocks and a 2-D
+    transpose) on both engines; see the README.
     """
 
     def __init__(self, side: int, depth: int, num_heads: int, num_keypoints: int = 5):
         super().__init__()
         self.side, self.depth, self.num_heads = side, depth, num_heads
         self.num_keypoints = num_keypoints
-        n, m, h = side * side, NUM_BUCKETS, num_heads
+        h = num_heads
         self.register_buffer("grid", patch_grid(side), persistent=False)
-        # Row p = (d*49 + m)*H + h of the reordered linear is checkpoint row (d*H + h)*49 + m.
-        d_, m_, h_ = torch.meshgrid(torch.arange(depth), torch.arange(m), torch.arange(h),
-                                    indexing="ij")
-        self.register_buffer("feature_order", ((d_ * h + h_) * m + m_).reshape(-1),
-                             persistent=False)
-        # Block d's bias[i, j] reads row (i*depth + d)*49 + bucket[i, j] of the table.
-        buckets = bucket_ids(side)
-        query = torch.arange(n)[:, None]
+        rel = torch.arange(side)[:, None] - torch.arange(side)[None, :]  # [query, key] offset
+        near = piecewise_index(rel) + BETA_INT                              # 0..6
+        # expand_index_d[ci, k, (h, a, cj)]: where block d's MatMul weight [k, (h, a, cj)]
+        # for query column ci comes from: keypoint-linear weight row (d*H + h)*49 + a*7 +
+        # g(ci - cj) + 3, column k; the last k (feature 1) reads the linear's bias instead.
+        heads = torch.arange(h)[:, None, None]
+        a = torch.arange(SIDE_BUCKETS)[None, :, None]
         for d in range(depth):
-            self.register_buffer(f"gather_index_{d}",
-                                 ((query * depth + d) * m + buckets).reshape(-1), persistent=False)
+            rows = ((d * h + heads)[None] * NUM_BUCKETS + a[None] * SIDE_BUCKETS
+                    + near[:, None, None, :])                        # [ci, h, a, cj]
+            self.register_buffer(f"expand_index_{d}", rows.reshape(side, -1), persistent=False)
+        # gather_index[(h, i, rj)]: the table row of query i = ri*side + ci, head h and key row
+        # rj, the same in every block: ((ci*side + ri)*H + h)*7 + g(ri - rj) + 3.
+        ri = torch.arange(side)[:, None, None]
+        ci = torch.arange(side)[None, :, None]
+        query = ((ci * side + ri) * h)[None] + torch.arange(h).reshape(h, 1, 1, 1)
+        self.register_buffer("gather_index", (query * SIDE_BUCKETS
+                                              + near[None, :, None, :]).reshape(-1),
+                             persistent=False)
 
     @property
     def table_size(self) -> int:
@@ -100,16 +111,26 @@ class KPRPE(nn.Module):
         diff = self.grid[None, :, None, :] - kp[:, None, :, :]
         return diff.flatten(2)
 
+    def features(self, keypoints: torch.Tensor) -> torch.Tensor:
+        """[B, K, 2] keypoints -> [B, query column, query row, 2K + 1]: the relative keypoints
+        of every query patch and a constant 1 (which carries the keypoint linear's bias)."""
+        rel = self.relative_keypoints(keypoints)
+        one = rel[..., :1] * 0 + 1  # from the input: no ConstantOfShape in the graph
+        x = torch.cat([rel, one], -1)
+        return x.reshape(x.shape[0], self.side, self.side, -1).transpose(1, 2)
+
+    def block_bias(self, features: torch.Tensor, linear: nn.Linear, d: int) -> torch.Tensor:
+        """Block ``d``'s bias [B, H, N, N]: bias[b, h, i, j] = T_d[b, h, i, bucket[i, j]]."""
+        side, n, h = self.side, self.side * self.side, self.num_heads
+        index = getattr(self, f"expand_index_{d}").reshape(-1)
+        table = torch.cat([linear.weight, linear.bias[:, None]], 1)   # [rows, 2K + 1]
+        w = table.index_select(0, index).reshape(side, -1, linear.in_features + 1)
+        e = torch.matmul(features, w.transpose(1, 2))                  # [B, ci, ri, (h, a, cj)]
+        rows = e.reshape(features.shape[0], -1, side)                  # [B, (ci, ri, h, a), cj]
+        g = torch.index_select(rows, 1, self.gather_index)
+        return g.reshape(features.shape[0], h, n, n)
+
     def forward(self, keypoints: torch.Tensor, linear: nn.Linear) -> list[torch.Tensor]:
         """One bias per block, each [B, H, N, N]: bias[b, h, i, j] = T_d[b, h, i, bucket[i, j]]."""
-        rel = self.relative_keypoints(keypoints)
-        b, n, h = rel.shape[0], rel.shape[1], self.num_heads
-        # 2-D input so ONNX Runtime runs the linear and its bias as one Gemm.
-        table = nn.functional.linear(rel.reshape(b * n, -1), linear.weight[self.feature_order],
-                                     linear.bias[self.feature_order])  # [B*N, (d, m, h)]
-        rows = table.reshape(b, -1, h).transpose(0, 1).reshape(-1, b * h)  # [(n, d, m), (b, h)]
-        out = []
-        for d in range(self.depth):
-            g = torch.index_select(rows, 0, getattr(self, f"gather_index_{d}"))  # [N*N, B*H]
-            out.append(g.t().reshape(b, h, n, n))
-        return out
+        x = self.features(keypoints)
+        return [self.block_bias(x, linear, d) for d in range(self.depth)]

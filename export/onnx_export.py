@@ -24,6 +24,7 @@ import kpface
 from kpface.errors import InputError, KpfaceError
 from kpface.hub import HubFile, arch_for, download, is_hub_name
 from kpface.manifest import carry_builds, staging_dir, write_manifest
+from kpface.runtimes import onnxfile
 from kpface.weights import from_source
 
 from . import registry
@@ -210,7 +211,7 @@ def constants_to_initializers(path: Path, module: torch.nn.Module, min_size: int
             g.initializer.append(numpy_helper.from_array(arr, name))
     del g.node[:]
     g.node.extend(keep)
-    onnx.save(model, str(path))
+    onnxfile.save(model, path)  # large graphs: weights in a page-aligned <file>.data beside it
     return named
 
 
@@ -261,9 +262,10 @@ def export_model(arch: str, out_dir: str | os.PathLike, weights: str | os.PathLi
             export_s = time.perf_counter() - t0
             graphs_meta[graph.name] = {
                 "file": graph.filename,
+                **({"data_files": extra} if (extra := onnxfile.data_files(path)) else {}),
                 "inputs": [s.to_dict() for s in graph.inputs],
                 "outputs": [s.to_dict() for s in graph.outputs],
-                "bytes": path.stat().st_size, "export_seconds": round(export_s, 2)}
+                "bytes": onnxfile.nbytes(path), "export_seconds": round(export_s, 2)}
             if check:
                 say(f"checking {graph.name}.onnx against torch in ONNX Runtime")
                 result = check_parity(module, graph, path)
@@ -291,7 +293,7 @@ def export_model(arch: str, out_dir: str | os.PathLike, weights: str | os.PathLi
             "parity": parity,
             "export_seconds": round(time.perf_counter() - t_start, 2),
         }
-        files = [g["file"] for g in graphs_meta.values()]
+        files = [f for g in graphs_meta.values() for f in [g["file"], *g.get("data_files", [])]]
         if save_weights:
             write_weights(model, tmp / TORCH_WEIGHTS, arch)
             manifest["torch_weights"] = TORCH_WEIGHTS

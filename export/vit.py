@@ -131,16 +131,57 @@ class FaceViT(nn.Module):
 
     def forward(self, image: torch.Tensor, keypoints: torch.Tensor | None = None) -> torch.Tensor:
         x = self.patch_embed(image) + self.pos_embed
+        feats = None
         if self.cfg.kprpe:
             if keypoints is None:
                 raise ValueError("a KP-RPE model needs keypoints")
-            biases = self.rpe(keypoints, self.keypoint_linear)
-        else:
-            biases = [None] * len(self.blocks)
-        for block, bias in zip(self.blocks, biases):
+            feats = self.rpe.features(keypoints)
+        for d, block in enumerate(self.blocks):
+            # Each block makes its bias just before it runs, so an engine that follows the
+            # graph's order holds one [B, H, N, N] bias at a time, not all of them.
+            bias = None if feats is None else self.rpe.block_bias(feats, self.keypoint_linear, d)
             x = block(x, bias)
-        x = self.norm(x.float())
-        return self.feature(x.flatten(1))
+        x = self.norm(x.float()).flatten(1)
+        if torch.onnx.is_in_onnx_export() and not self.training:
+            return self.export_head(x)
+        return self.feature(x)
+
+    def export_head(self, x: torch.Tensor) -> torch.Tensor:
+        """The feature head as exported (eval mode): each BatchNorm folded into the Linear
+        before it, and the first Linear (dim*N -> out, 205 MB for ViT-small) split along its
+        input into slices of at most :data:`HEAD_SLICE_BYTES`, summed.
+
+        Same function as ``self.feature`` in eval mode (the export parity check compares the
+        two). Why: an engine that repacks a constant weight (ONNX Runtime's pre-packing,
+        OpenVINO's weight reorder) holds the packed copy and the original at once while it
+        packs; one 205 MB weight doubled is what made a session's peak memory twice the model
+        file. Slices of a few tens of MB are packed and released one at a time.
+        """
+        lin1, bn1, lin2, bn2 = self.feature
+        w1, b1 = fold_batchnorm(lin1, bn1)
+        w2, b2 = fold_batchnorm(lin2, bn2)
+        # Python ints from the module's own sizes: the tracer would record tensor shapes.
+        k, out = lin1.in_features, lin1.out_features
+        step = -(-k // max(1, -(-k * out * 4 // HEAD_SLICE_BYTES)))
+        parts = [nn.functional.linear(x[:, start:start + step], w1[:, start:start + step])
+                 for start in range(0, k, step)]
+        # One reduction rather than a chain of Adds: ONNX Runtime would fuse each MatMul + Add
+        # into a Gemm with a non-constant C, which its int8 quantizer cannot fold.
+        y = torch.stack(parts).sum(0) if len(parts) > 1 else parts[0]
+        return nn.functional.linear(y + b1, w2, b2)
+
+
+# Largest slice of the exported head's first weight (see FaceViT.export_head).
+HEAD_SLICE_BYTES = 32 * 2 ** 20
+
+
+def fold_batchnorm(linear: nn.Linear, bn: nn.BatchNorm1d) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight, bias) of ``bn(linear(x))`` in eval mode as one affine map."""
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    bias = bn.bias - bn.running_mean * scale
+    if linear.bias is not None:
+        bias = bias + linear.bias * scale
+    return linear.weight * scale[:, None], bias
 
 
 # --- random-weight exports ------------------------------------------------------------------

@@ -245,6 +245,9 @@ ENGINES: tuple[Engine, ...] = (
                          "ResNet may add Add, AveragePool, MaxPool, Relu, Pad)"),
             ("quantize_bias", "int8: biases as int32 (default true; TensorRT's Q/DQ keeps "
                               "them float)"),
+            ("attention", "portable (default) or fused: each ViT attention as ONNX Runtime's "
+                          "contrib Attention (fp32) / MultiHeadAttention (int8) op, the KP-RPE "
+                          "bias its attention_bias (this engine only)"),
         ),
         status="tested here (cpu; cuda untested)",
         notes="the fp32 model.onnx needs no build",

@@ -26,7 +26,7 @@ import numpy as np
 
 from kpface.errors import EngineUnavailable, InputError, ModelError
 
-from . import floatscope
+from . import floatscope, pages
 from .engines import Closable, default_threads, int8_saturates, quiet
 
 log = logging.getLogger(__name__)
@@ -79,11 +79,15 @@ def _capabilities(core, dev: str) -> list[str]:
 
 class OpenVinoSession(Closable):
     """A compiled OpenVINO model; ``run`` uses one infer request per call (thread-safe).
-    ``close()`` / ``with`` releases it."""
+    ``close()`` / ``with`` releases it.
+
+    ``release_pages`` (default): the pages of the mapped ``.bin`` are given back while and
+    after it compiles (:mod:`.pages`), so the weights are resident once (repacked), not twice.
+    """
 
     def __init__(self, xml: str | os.PathLike, threads: int | None = None,
                  device: str | None = None, precision_hint: str = "f32",
-                 names: list[str] | None = None):
+                 names: list[str] | None = None, release_pages: bool = True):
         try:
             import openvino as ov
         except ImportError:
@@ -96,7 +100,11 @@ class OpenVinoSession(Closable):
             config["INFERENCE_NUM_THREADS"] = int(threads or default_threads())
             config["NUM_STREAMS"] = 1
         try:
-            self._compiled = core.compile_model(str(xml), dev, config)
+            # The IR's weights are mapped; what OpenVINO repacks need not stay resident twice.
+            with pages.PageDropper([Path(xml).with_suffix(".bin")] if release_pages else []):
+                self._compiled = core.compile_model(str(xml), dev, config)
+                if release_pages:
+                    _warm_up(self._compiled)  # kernels for a dynamic batch are made at the first run
         except Exception as e:  # OpenVINO raises RuntimeError with a multi-line message
             raise ModelError(f"{xml} could not be compiled by OpenVINO on {dev} "
                              f"({type(e).__name__}: {str(e).strip().splitlines()[0][:200]}); "
@@ -120,6 +128,19 @@ class OpenVinoSession(Closable):
 
     def _release(self) -> None:
         self._compiled = None
+
+
+def _warm_up(compiled) -> None:
+    """One batch-1 inference of zeros when every input dim but the first is static."""
+    feeds = {}
+    for port in compiled.inputs:
+        shape = port.get_partial_shape()
+        dims = [1 if i == 0 and d.is_dynamic else d for i, d in enumerate(shape)]
+        if any(not isinstance(d, int) and d.is_dynamic for d in dims):
+            return
+        feeds[port] = np.zeros([int(d if isinstance(d, int) else d.get_length()) for d in dims],
+                               dtype=port.get_element_type().to_dtype())
+    compiled.create_infer_request().infer(feeds)
 
 
 def _pick_name(port, preferred: list[str] | None) -> str:

@@ -49,9 +49,10 @@ def build_dir(model_dir: str | os.PathLike, runtime: str, precision: str, key: s
 
 
 def load_build(model_dir: str | os.PathLike, runtime: str, precision: str,
-               device: str | None = None, manifest: dict | None = None
-               ) -> tuple[Path, dict[str, Any]]:
-    """The installed build for this device: (directory, verified build.json)."""
+               device: str | None = None, manifest: dict | None = None,
+               at: str | os.PathLike | None = None) -> tuple[Path, dict[str, Any]]:
+    """The installed build for this device, or the one in folder ``at``: (directory,
+    verified build.json)."""
     model_dir = Path(model_dir)
     engine = get_engine(runtime)
     engine.check_precision(precision)
@@ -60,7 +61,7 @@ def load_build(model_dir: str | os.PathLike, runtime: str, precision: str,
     except ImportError:
         adapter = engine.require(device)
     key = adapter.device_key(device)
-    d = build_dir(model_dir, runtime, precision, key)
+    d = Path(at) if at is not None else build_dir(model_dir, runtime, precision, key)
     command = f"kpface build {model_dir} --runtime {runtime} --precision {precision}"
     if not (d / BUILD_MANIFEST_NAME).is_file():
         engine.require(device)  # an engine that cannot run here says so first
@@ -86,9 +87,10 @@ def load_build(model_dir: str | os.PathLike, runtime: str, precision: str,
 
 def open_build(model_dir: str | os.PathLike, runtime: str, precision: str, graph: str = "model",
                threads: int | None = None, manifest: dict | None = None,
-               device: str | None = None) -> Session:
-    """A session on ``graph`` of the installed ``runtime``/``precision`` build."""
-    d, info = load_build(model_dir, runtime, precision, device, manifest)
+               device: str | None = None, at: str | os.PathLike | None = None) -> Session:
+    """A session on ``graph`` of the installed ``runtime``/``precision`` build (or of the
+    build in folder ``at``)."""
+    d, info = load_build(model_dir, runtime, precision, device, manifest, at=at)
     graphs = info.get("graphs", {})
     if graph not in graphs:
         raise ModelError(f"{d} holds no graph {graph!r} (it has: {', '.join(graphs)}); rebuild "
@@ -106,21 +108,29 @@ def open_build(model_dir: str | os.PathLike, runtime: str, precision: str, graph
     return adapter.load(d, threads=threads, info=graphs[graph], device=device)
 
 
+def _has_build(model_dir: Path, runtime: str, precision: str, device: str | None) -> bool:
+    key = get_engine(runtime).load_adapter().device_key(device)
+    return (build_dir(model_dir, runtime, precision, key) / BUILD_MANIFEST_NAME).is_file()
+
+
 def open_session(model_dir: str | os.PathLike, runtime: str = "onnxruntime",
                  precision: str = "fp32", graph: str = "model", threads: int | None = None,
-                 manifest: dict | None = None, device: str | None = None) -> Session:
+                 manifest: dict | None = None, device: str | None = None,
+                 exported: bool = False) -> Session:
     """Open ``graph`` of ``model_dir`` on ``runtime`` at ``precision``.
 
-    ONNX Runtime at fp32 runs the exported ONNX file itself; every other runtime / precision
-    opens the build made by ``kpface build`` for this device
-    (``model_dir/builds/<runtime>-<precision>-<device key>/``), checked against its build.json.
+    Every runtime / precision opens the build made by ``kpface build`` for this device
+    (``model_dir/builds/<runtime>-<precision>-<device key>/``), checked against its
+    build.json; ONNX Runtime at fp32 without such a build (one with fused attention, say) runs
+    the exported ONNX file itself, and so does it with ``exported=True``.
     """
     model_dir = Path(model_dir)
     manifest = manifest or load_manifest(model_dir)
     graphs = manifest.get("graphs", {})
     if graph not in graphs:
         raise ModelError(f"{model_dir} has no graph {graph!r} (it has: {', '.join(graphs)})")
-    if runtime == "onnxruntime" and precision == "fp32":
+    if runtime == "onnxruntime" and precision == "fp32" and (exported or not _has_build(
+            model_dir, runtime, precision, device)):
         from .onnxruntime_rt import open_onnx
         path = verified_file(model_dir, manifest, graphs[graph].get("file"))
         return open_onnx(path, threads=threads, device=device)

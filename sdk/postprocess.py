@@ -117,6 +117,8 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float, mode: str =
     x1, y1, x2, y2 = boxes.T
     areas = box_area(boxes, offset)
     order = np.argsort(-scores, kind="stable")
+    if 1 < order.size <= NMS_MATRIX_MAX:
+        return _nms_matrix(x1, y1, x2, y2, areas, order, iou_threshold, mode, offset, max_keep)
     keep: list[int] = []
     while order.size:
         i = int(order[0])
@@ -131,4 +133,36 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float, mode: str =
                  else areas[i] + areas[rest] - inter)
         overlap = np.divide(inter, denom, out=np.zeros_like(inter), where=denom > 0)
         order = rest[overlap <= iou_threshold]
+    return np.asarray(keep, dtype=np.int64)
+
+
+NMS_MATRIX_MAX = 512  # up to this many boxes, :func:`nms` computes all overlaps at once
+
+
+def _nms_matrix(x1, y1, x2, y2, areas, order, iou_threshold: float, mode: str, offset: float,
+                max_keep: int | None) -> np.ndarray:
+    """:func:`nms` for a few hundred boxes: every pairwise overlap in one array expression
+    (the same float64 operations, element by element, as the loop in :func:`nms`), then the
+    greedy pass over rows; when nothing overlaps above the threshold, all are kept at once."""
+    a, b = order[:, None], order[None, :]
+    w = np.maximum(np.minimum(x2[a], x2[b]) - np.maximum(x1[a], x1[b]) + offset, 0)
+    h = np.maximum(np.minimum(y2[a], y2[b]) - np.maximum(y1[a], y1[b]) + offset, 0)
+    inter = w * h
+    denom = (np.minimum(areas[a], areas[b]) if mode == "min" else areas[a] + areas[b] - inter)
+    overlap = np.divide(inter, denom, out=np.zeros_like(inter), where=denom > 0)
+    over = overlap > iou_threshold
+    np.fill_diagonal(over, False)
+    over = np.triu(over)  # a box is only suppressed by one ranked before it
+    n = len(order)
+    if not over.any():
+        return order[:n if max_keep is None else min(n, max_keep)].astype(np.int64)
+    suppressed = np.zeros(n, dtype=bool)
+    keep: list[int] = []
+    for i in range(n):
+        if suppressed[i]:
+            continue
+        keep.append(int(order[i]))
+        if max_keep is not None and len(keep) >= max_keep:
+            break
+        suppressed |= over[i]
     return np.asarray(keep, dtype=np.int64)

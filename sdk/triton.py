@@ -193,6 +193,8 @@ def export_triton(models_dir: str | os.PathLike, out: str | os.PathLike,
                 model = tmp / name
                 (model / "1").mkdir(parents=True)
                 shutil.copyfile(src, model / "1" / "model.onnx")
+                for extra in g.get("data_files", []):  # external weights keep their name
+                    shutil.copyfile(src.parent / extra, model / "1" / extra)
                 (model / CONFIG_NAME).write_text(text_format.MessageToString(cfg))
                 write_json(model / SIDECAR_NAME, _sidecar(manifest, stage, graph))
                 summary.append({"name": name, "source": str(src),

@@ -189,6 +189,26 @@ def test_ratios(run):
     assert ratios["int8_speedup"]["status"] == "skipped" and ratios["int8_speedup"]["reason"]
 
 
+def test_memory_over_file_and_the_other_overhead_forms(run):
+    report, _, _ = run
+    rof = report["ratios"]["rss_over_file"]
+    assert rof["status"] == "ok"
+    for b in BATCHES:
+        r = _ok(report, stage="embed", model="recognizer", runtime="onnxruntime", batch=b)[0]
+        mem = r["memory"]
+        assert mem["rss_over_file"] == pytest.approx(
+            mem["peak_delta_mb"] * 2 ** 20 / r["size_bytes"], rel=0.01)
+        assert rof["by_config"]["onnxruntime-fp32"][str(b)] == mem["rss_over_file"]
+        assert mem["end_delta_mb"] is not None and mem["end_delta_mb"] <= mem["peak_delta_mb"] + 1
+    # OpenVINO was not asked for, and the recognizer has no fused-attention build: both forms
+    # of the overhead say why they were not measured.
+    forms = report["ratios"]
+    assert forms["kprpe_overhead_openvino"]["status"] == "skipped"
+    assert "not asked for" in forms["kprpe_overhead_openvino"]["reason"]
+    assert forms["kprpe_overhead_onnxruntime_fused"]["status"] == "skipped"
+    assert "attention=fused" in forms["kprpe_overhead_onnxruntime_fused"]["reason"]
+
+
 def test_missing_runtimes_and_stages_are_skipped_with_reasons(run):
     report, _, _ = run
     skipped = report["skipped"]

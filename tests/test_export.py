@@ -37,14 +37,29 @@ def test_geometry_is_stored_as_initializers(tiny_recognizer):
     c = np.array([(2 * k + 1) / 28 for k in range(14)])
     np.testing.assert_allclose(grid[:, 0], np.tile(c, 14), atol=1e-7)   # x = column
     np.testing.assert_allclose(grid[:, 1], np.repeat(c, 14), atol=1e-7)  # y = row
-    depth = 2  # the tiny model
+    depth, heads, side = 2, 2, 14  # the tiny model
+    spec = buckets_spec()
+    # Block d's table row ((ci*14 + ri)*H + h)*7 + a holds the biases of one key row (14
+    # keys): expand_index_d[ci, (h, a, cj)] names the keypoint-linear row it reads; block d's
+    # bias[h, i, rj*14 + cj] is table row gather_index[h, i, rj], column cj.
+    # (expand_index_d is folded into block d's MatMul weight at export: read the module's.)
+    from kpface.export.kprpe import KPRPE
+    rpe = KPRPE(side, depth, heads)
+    index = inits["rpe.gather_index"].reshape(heads, 196, side)
+    np.testing.assert_array_equal(index.ravel(), rpe.gather_index.numpy())
+    ri, ci = np.divmod(np.arange(196), side)
+    for h in range(heads):
+        want = ((ci * side + ri) * heads + h)[:, None]
+        np.testing.assert_array_equal(index[h] // 7, np.broadcast_to(want, index[h].shape))
     for d in range(depth):
-        # Block d reads row (i*depth + d)*49 + bucket[i, j] of the keypoint table.
-        index = inits[f"rpe.gather_index_{d}"].reshape(196, 196)
-        expected = (np.arange(196)[:, None] * depth + d) * 49 + buckets_spec()
-        np.testing.assert_array_equal(index, expected)
-        gathers = [n for n in g.node if n.op_type == "Gather" and f"rpe.gather_index_{d}" in n.input]
-        assert len(gathers) == 1
+        expand = getattr(rpe, f"expand_index_{d}").numpy().reshape(side, heads, 7, side)
+        for h in range(heads):
+            feature = expand[ci[:, None, None], h, (index[h] % 7)[:, :, None],
+                             np.arange(side)[None, None, :]]            # [i, rj, cj]
+            np.testing.assert_array_equal(feature.reshape(196, 196),
+                                          (d * heads + h) * 49 + spec)
+    gathers = [n for n in g.node if n.op_type == "Gather" and "rpe.gather_index" in n.input]
+    assert len(gathers) == depth  # one per block
 
 
 def test_manifest_records_parity_and_hashes(tiny_recognizer):

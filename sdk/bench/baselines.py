@@ -8,9 +8,9 @@ from typing import Any, Callable
 
 from kpface.manifest import load_manifest
 
-from .builds import manifest_or_none
+from .builds import Entry, find_builds, manifest_or_none, variant_of
 from .machine import export_available
-from .settings import OVERHEAD_PAIR, Settings, Skip
+from .settings import OVERHEAD_FORMS, OVERHEAD_PAIR, Settings, Skip
 from .worker import spawn
 
 Model = tuple[str, Path, dict]  # (report label, model dir, manifest)
@@ -83,3 +83,63 @@ def overhead_pair(s: Settings, rec_dir: Path | None, rec_man: dict | None,
     plain: Model = (plain_label, plain_dir, plain_man)
     return {"models": [kprpe, plain], "kprpe": kprpe[0], "plain": plain_label}
 
+
+
+def fp32_build(model_dir: Path, runtime: str, options: dict) -> Entry | None:
+    """The fp32 ``runtime`` build of ``model_dir`` made with exactly ``options``, if any."""
+    want = variant_of({"options": options})
+    for b in find_builds(model_dir):
+        if b["runtime"] == runtime and b["precision"] == "fp32" and variant_of(b["info"]) == want \
+                and b["has_build_json"]:
+            return Entry(runtime, "fp32", b)
+    return None
+
+
+def overhead_forms(s: Settings, pair: dict[str, Any], engines: dict[str, dict],
+                   say: Callable[[str], None], notes: list[str]) -> dict[str, Any]:
+    """The forms of :data:`OVERHEAD_FORMS` after the first: ``{name: {"runtime", "variant",
+    "entries": {label: Entry}}}`` or ``{name: {"skip": reason}}``.
+
+    The recognizer's own build must exist (it is the user's); a bench-owned baseline
+    (``baselines/...``) lacking it gets it built here, in a fresh process, when
+    ``export_baselines`` allows.
+    """
+    out: dict[str, Any] = {}
+    for name, runtime, options in OVERHEAD_FORMS[1:]:
+        eng = engines.get(runtime) or {}
+        if s.runtimes is not None and runtime not in s.runtimes:
+            out[name] = {"skip": f"{runtime} was not asked for"}
+            continue
+        if not eng.get("available"):
+            out[name] = {"skip": eng.get("reason") or f"{runtime} cannot run here"}
+            continue
+        entries, missing = {}, None
+        for label, d, _ in pair["models"]:
+            entry = fp32_build(d, runtime, options)
+            if entry is None and label.startswith("baselines/"):
+                if not s.export_baselines:
+                    missing = f"{d} has no {runtime} fp32 build and building baselines is off"
+                    break
+                opts = ", ".join(f"{k}={v}" for k, v in options.items())
+                say(f"bench: building {d.name} for {runtime} fp32"
+                    + (f" ({opts})" if opts else ""))
+                status, res = spawn({"kind": "build", "model_dir": str(d), "runtime": runtime,
+                                     "precision": "fp32", "options": options,
+                                     "threads": s.threads}, timeout_s=s.timeout_s)
+                if status != "ok":
+                    missing = f"building {d} for {runtime} fp32 failed: {res}"
+                    break
+                notes.append(f"{d} got a {runtime} fp32 build from this run"
+                             + (f" ({opts})" if opts else "") + ".")
+                entry = fp32_build(d, runtime, options)
+            if entry is None:
+                opts = "".join(f" --option {k}={v}" for k, v in options.items())
+                missing = (f"{d} has no {runtime} fp32 build" + (f" with {opts.strip()}" if opts
+                                                                else "")
+                           + f"; make one with `kpface build {d} --runtime {runtime} "
+                             f"--precision fp32{opts}`")
+                break
+            entries[label] = entry
+        out[name] = {"skip": missing} if missing else {
+            "runtime": runtime, "variant": variant_of({"options": options}), "entries": entries}
+    return out

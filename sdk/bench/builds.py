@@ -20,6 +20,18 @@ class Entry(NamedTuple):
     precision: str
     build: dict[str, Any] | None = None
 
+    @property
+    def variant(self) -> str:
+        """The build options it was made with ("" for none, or for model.onnx itself)."""
+        return variant_of(self.build["info"]) if self.build is not None else ""
+
+
+def variant_of(info: dict[str, Any]) -> str:
+    """``key=value`` of a build.json's build options, joined by ``+`` ("" without options)."""
+    opts = info.get("options") or {}
+    return "+".join(f"{k}={v}" for k, v in sorted(opts.items())) if isinstance(opts, dict) \
+        else ""
+
 
 def engine_table(only: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
     """``{runtime: {available, reason, module, device_key}}`` for every engine of
@@ -118,14 +130,14 @@ def runnable(model_dir: Path, engines: dict[str, dict], runtimes: Sequence[str] 
                         "reason": reason})
 
     wanted_rt = list(runtimes) if runtimes else None
-    seen = {REFERENCE}
+    seen = {(*REFERENCE, "")}
     for b in find_builds(model_dir):
         key = (b["runtime"], b["precision"])
         if wanted_rt is not None and b["runtime"] not in wanted_rt:
             continue
         if precisions and b["precision"] not in precisions:
             continue
-        if key == REFERENCE:
+        if key == REFERENCE and not variant_of(b["info"]):
             continue  # a copy of model.onnx: the reference row measures it
         eng = engines.get(b["runtime"])
         where = f"{model_dir.name}/builds/{b['dir'].name}"
@@ -136,10 +148,10 @@ def runnable(model_dir: Path, engines: dict[str, dict], runtimes: Sequence[str] 
         elif eng.get("device_key") and b["device_key"] and b["device_key"] != eng["device_key"]:
             skip(*key, f"{where} was built for device {b['device_key']!r}; this machine is "
                        f"{eng['device_key']!r}")
-        elif key in seen:
+        elif (*key, variant_of(b["info"])) in seen:
             skip(*key, f"{where}: another {key[0]} {key[1]} build was measured")
         else:
-            seen.add(key)
+            seen.add((*key, variant_of(b["info"])))
             entries.append(Entry(b["runtime"], b["precision"], b))
     # Explicitly requested runtimes / precisions that have nothing to run.
     for rt in wanted_rt or []:
@@ -149,8 +161,8 @@ def runnable(model_dir: Path, engines: dict[str, dict], runtimes: Sequence[str] 
         if not engines[rt]["available"]:
             continue  # reported once for all stages by run_bench
         for p in (precisions or []):
-            if (rt, p) not in seen and not any(s["runtime"] == rt and s["precision"] == p
-                                               for s in skipped):
+            if not any(k[:2] == (rt, p) for k in seen) and not any(
+                    s["runtime"] == rt and s["precision"] == p for s in skipped):
                 if p == "int8" and stage in ("detect", "keypoints"):
                     reason = "int8 builds are made for the recognizer only"
                 else:

@@ -35,9 +35,16 @@ def _provider_of(obj) -> str | None:
 
 def _open_session(cfg: dict, payload: dict) -> tuple[Call, dict[str, Any]]:
     from kpface.runtimes import open_session
+    from kpface.runtimes.session import open_build
     model_dir = cfg.get("model_dir")
-    sess = open_session(model_dir, runtime=cfg["runtime"], precision=cfg["precision"],
-                        graph=cfg.get("graph", "model"), threads=cfg["threads"])
+    if cfg.get("build_dir"):  # this very build (an ONNX Runtime fp32 one is not model.onnx)
+        sess = open_build(model_dir, cfg["runtime"], cfg["precision"],
+                          graph=cfg.get("graph", "model"), threads=cfg["threads"],
+                          at=cfg["build_dir"])
+    else:  # model.onnx itself for the ONNX Runtime fp32 reference
+        sess = open_session(model_dir, runtime=cfg["runtime"], precision=cfg["precision"],
+                            graph=cfg.get("graph", "model"), threads=cfg["threads"],
+                            exported=True)
     missing = [n for n in sess.input_names if n not in payload]
     if missing:
         raise Skip(f"the bench has no input for {missing} of {model_dir}")

@@ -16,6 +16,18 @@ from .calls import engine_module, open_call, summarize
 from .settings import Skip
 
 
+def current_rss() -> int | None:
+    """Resident set size of this process now, in bytes (Linux ``VmRSS``; else None)."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def peak_rss() -> tuple[int | None, str]:
     """(peak resident set size of this process in bytes, how it was read).
 
@@ -99,7 +111,8 @@ class Prepared:
     def finish(self) -> dict[str, Any]:
         rss1, _ = peak_rss()
         return {"rss_baseline_bytes": self.rss0, "rss_peak_bytes": rss1,
-                "rss_method": self.rss_method, "outputs": summarize(self.kind, self.out)}
+                "rss_end_bytes": current_rss(), "rss_method": self.rss_method,
+                "outputs": summarize(self.kind, self.out)}
 
 
 def gemm(cfg: dict) -> dict[str, Any]:
@@ -129,4 +142,12 @@ def export(cfg: dict) -> dict[str, Any]:
     return {"arch": manifest["arch"], "random_weights": is_random(manifest)}
 
 
-ONE_SHOT = {"gemm": gemm, "export": export}  # jobs that answer once and end
+def build(cfg: dict) -> dict[str, Any]:
+    """An fp32 build of a baseline model (no calibration; a short held-out gate)."""
+    from kpface.runtimes.build import build as make
+    rec = make(cfg["model_dir"], cfg["runtime"], cfg["precision"], threads=int(cfg["threads"]),
+               options=cfg.get("options") or None, n_heldout=int(cfg.get("heldout", 16)))
+    return {"dir": rec["dir"]}
+
+
+ONE_SHOT = {"gemm": gemm, "export": export, "build": build}  # jobs that answer once and end

@@ -180,9 +180,11 @@ def vit_flops(config: Mapping[str, Any], batch: int = 1) -> dict[str, Any]:
     head = 2 * n * d * out + 2 * out * out
     total = patch + depth * block + head
     if config.get("kprpe"):
-        # keypoint_linear on every patch: [N, 2K] -> [N, 49 * heads * depth] (kpface.export.kprpe).
+        # Each block's key-row table (kpface.export.kprpe): [N, 2K + 1] -> [N, heads * 7 * side]
+        # (the 49 buckets as 7 row buckets x the side's key columns; the +1 carries the bias).
         k = int(config.get("num_keypoints", 5))
-        total += 2 * n * 2 * k * KPRPE_BUCKETS * int(config["num_heads"]) * depth
+        side = img // p
+        total += depth * 2 * n * (2 * k + 1) * int(config["num_heads"]) * 7 * side
     return {"flops": int(total * batch), "method": "ViT config"}
 
 

@@ -44,6 +44,18 @@ def _mb(b: int | None) -> float | None:
     return None if b is None else round(b / 2 ** 20, 1)
 
 
+def _memory(base: int | None, peak: int | None, end: int | None, size: int | None,
+            method: str | None) -> dict[str, Any]:
+    """A row's memory block: peak and end-of-run RSS over the baseline, and the peak added
+    over the size of the model files the configuration opened (``rss_over_file``)."""
+    delta = peak - base if peak is not None and base is not None else None
+    end_delta = end - base if end is not None and base is not None else None
+    return {"rss_baseline_mb": _mb(base), "rss_peak_mb": _mb(peak),
+            "peak_delta_mb": _mb(delta), "end_delta_mb": _mb(end_delta),
+            "rss_over_file": (round(delta / size, 3) if delta is not None and size else None),
+            "method": method}
+
+
 def _label(cfg: BenchConfig) -> str:
     return (f"{cfg.stage} {cfg.model} ({cfg.arch}) {cfg.runtime} {cfg.precision} "
             f"b{cfg.batch}")
@@ -143,10 +155,8 @@ class Measurer:
             "load_s": round(info["load_s"], 3), "latency_ms": stats, "samples_ms": samples,
             "throughput_items_s": (cfg.batch / (stats["p50"] / 1e3) if stats["p50"] > 0
                                    else None),
-            "memory": {"rss_baseline_mb": _mb(base), "rss_peak_mb": _mb(peak),
-                       "peak_delta_mb": (_mb(peak - base) if peak is not None and
-                                         base is not None else None),
-                       "method": res.get("rss_method")},
+            "memory": _memory(base, peak, res.get("rss_end_bytes"), cfg.size_bytes,
+                              res.get("rss_method")),
             "threads_info": info.get("threads_info"),
             "accuracy": cfg.build_accuracy,
         })

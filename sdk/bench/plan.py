@@ -19,7 +19,7 @@ from typing import Any, Callable
 from kpface.errors import KpfaceError
 
 from . import machine
-from .baselines import overhead_pair
+from .baselines import overhead_forms, overhead_pair
 from .builds import (Entry, accuracy_from_build, dir_bytes, find_builds, manifest_or_none,
                      model_bytes, runnable)
 from .inputs import BenchInputs
@@ -120,6 +120,7 @@ class BenchConfig:
     inputs: str = ""                # key of kpface.bench.inputs.BenchInputs
     models_dir: str | None = None   # e2e: the models directory of the pipeline
     detector_precision: str | None = None  # e2e: the detector's precision
+    variant: str = ""               # the build's options (kpface.bench.builds.variant_of)
 
     def job(self) -> dict[str, Any]:
         """What a bench process needs (a plain dict: see kpface.bench.worker)."""
@@ -154,6 +155,8 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     overhead: dict[str, Any] | None = None   # the kprpe_overhead pair (kpface.bench.baselines)
     overhead_skip: str | None = None         # why there is none
+    # The pair's other forms (OpenVINO, fused ONNX Runtime): kpface.bench.baselines.
+    overhead_forms: dict[str, Any] = field(default_factory=dict)
     torch: tuple[bool, str] | None = None    # can torch eager run here (embed stage only)
     scene: str | None = None                 # input keys (kpface.bench.inputs)
     faces: str | None = None
@@ -214,8 +217,10 @@ class _Planner:
             size = model_bytes(model_dir, manifest)
         else:
             size = None
+        variant = entry.variant
         return BenchConfig(
-            id=f"{stage}/{label}/{rt}-{prec}/b{batch}", stage=stage, model=label,
+            id=f"{stage}/{label}/{rt}-{prec}{f'[{variant}]' if variant else ''}/b{batch}",
+            stage=stage, model=label, variant=variant,
             arch=(manifest or {}).get("arch"), model_dir=str(model_dir) if model_dir else None,
             runtime=rt, precision=prec, batch=batch, kind=kind, threads=self.s.threads,
             repeats=self.s.repeats, warmup=self.s.warmup, size_bytes=size,
@@ -263,6 +268,8 @@ class _Planner:
                 for label, d, man in plan.overhead["models"]:
                     if label not in plan.models:
                         self.add_model(label, d, man)
+                plan.overhead_forms = overhead_forms(s, plan.overhead, self.engines, self.say,
+                                                     plan.notes)
             except (Skip, KpfaceError) as e:
                 self.skip("embed", f"kprpe_overhead: {e}", *REFERENCE)
                 plan.overhead_skip = str(e)
@@ -277,6 +284,12 @@ class _Planner:
                 for label, d, man in extra:
                     plan.configs.append(self.config("embed", label, d, man, ref, b, "session",
                                                     self.inputs.add_faces(man)))
+                    for form in plan.overhead_forms.values():  # the baselines' other forms
+                        entry = form.get("entries", {}).get(label)
+                        if entry is not None:
+                            plan.configs.append(self.config(
+                                "embed", label, d, man, entry, b, "session",
+                                self.inputs.add_faces(man)))
             self.rows(rec, rec.entries[1:])
             plan.torch = machine.torch_available()
             if plan.torch[0]:
@@ -299,8 +312,11 @@ class _Planner:
             return
         det_keys = {(e.runtime, e.precision) for e in det.entries}
         kp_keys = {(e.runtime, e.precision) for e in kp.entries} if kp is not None else None
+        built = {(e.runtime, e.precision) for e in rec.entries if e.build is not None}
         for entry in rec.entries:
             rt, p = entry.runtime, entry.precision
+            if entry.build is None and (rt, p) in built:
+                continue  # the pipeline opens that build, not model.onnx: its row is the build's
             dp = p if (rt, p) in det_keys else ("fp32" if (rt, "fp32") in det_keys else None)
             if dp is not None and kp_keys is not None and (rt, dp) not in kp_keys:
                 dp = None

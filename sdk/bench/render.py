@@ -57,7 +57,8 @@ def _row_cells(r: dict) -> list[str]:
     size = r.get("size_bytes")
     frac = r.get("fraction_of_peak")
     return [r["stage"], f"{r['model']}" + (f" ({r['arch']})" if r.get("arch") else ""),
-            r["runtime"], r["precision"], str(r["batch"]),
+            r["runtime"] + (f" [{r['variant']}]" if r.get("variant") else ""), r["precision"],
+            str(r["batch"]),
             _fmt(lat.get("p50")), _fmt(lat.get("p90")), _fmt(lat.get("p99")),
             _fmt(r.get("throughput_items_s"), ".1f"), _fmt(mem, ".0f"),
             _fmt(size / 2 ** 20 if size else None, ".1f"), accuracy_headline(r.get("accuracy")),
@@ -77,7 +78,14 @@ def _ratio_lines(report: dict) -> list[str]:
         elif "by_batch" in r:
             vals = ", ".join(f"b{b} {_fmt(v, '.3f')}" for b, v in r["by_batch"].items())
             extra = f"  [{r['numerator']} / {r['denominator']}]" if "numerator" in r else ""
-            lines.append(f"{name}: {vals}{extra}")
+            paired = ", ".join(f"b{b} {_fmt(v, '.3f')}"
+                               for b, v in (r.get("paired_by_batch") or {}).items())
+            lines.append(f"{name}: {vals}" + (f" (paired by round: {paired})" if paired else "")
+                         + extra)
+        elif "by_config" in r:
+            vals = "; ".join(f"{c} " + ", ".join(f"b{b} {_fmt(v, '.2f')}" for b, v in by.items())
+                             for c, by in r["by_config"].items())
+            lines.append(f"{name}: {vals}")
         else:
             lines.append(f"{name}: {_fmt(r.get('value'), '.3f')} (batch {r.get('batch')})")
     return lines
@@ -173,6 +181,11 @@ def markdown(report: dict, chart: str | None) -> str:
     for name, r in report["ratios"].items():
         if r.get("status") != "ok":
             lines.append(f"- **{name}**: skipped - {r.get('reason')}")
+        elif "by_config" in r:
+            vals = "; ".join(f"{c} " + ", ".join(f"batch {b}: **{_fmt(x, '.2f')}**"
+                                                 for b, x in by.items())
+                             for c, by in r["by_config"].items())
+            lines.append(f"- **{name}**: {vals} ({r.get('definition')})")
         elif "by_batch" in r:
             vals = ", ".join(f"batch {b}: **{_fmt(x, '.3f')}**" for b, x in r["by_batch"].items())
             lines.append(f"- **{name}**: {vals} ({r.get('definition')}"

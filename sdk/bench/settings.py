@@ -13,6 +13,12 @@ STAGES = ("detect", "keypoints", "embed", "e2e")
 REFERENCE = ("onnxruntime", "fp32")        # always measured: the accuracy reference
 DETECTOR_SIZE = (640, 480)                 # width, height of the bench scene image
 OVERHEAD_PAIR = ("vit_kprpe_small", "vit_small")
+# The forms kprpe_overhead is measured in: (ratio name, runtime, fp32 build options); None is
+# the exported model.onnx on ONNX Runtime. A form other than the first needs that build of the
+# recognizer (the bench builds the baselines' own when they lack it).
+OVERHEAD_FORMS = (("kprpe_overhead", "onnxruntime", None),
+                  ("kprpe_overhead_openvino", "openvino", {}),
+                  ("kprpe_overhead_onnxruntime_fused", "onnxruntime", {"attention": "fused"}))
 MAX_E2E_FACES = 16                          # more faces than this: a random-weight detector
 REPORT_SCHEMA = 1
 CHART_NAME = "latency.png"

@@ -126,10 +126,14 @@ class Model:
         self._open_args = (runtime, precision, threads, device)
         self._owned: list = []
 
-    def _session(self, graph: str = "model"):
+    def _session(self, graph: str = "model", threads: int | None = None):
+        """Open ``graph`` with this model's runtime, precision and device (and its thread count
+        unless ``threads`` is given); :meth:`close` closes it."""
         if self.model_dir is None:
             raise ModelError(f"{self.name}: no model directory to open graph {graph!r} from")
-        session = open_graph(self.model_dir, self.manifest, graph, *self._open_args)
+        runtime, precision, own, device = self._open_args
+        session = open_graph(self.model_dir, self.manifest, graph, runtime, precision,
+                             threads or own, device)
         self._owned.append(session)
         return session
 

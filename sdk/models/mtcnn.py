@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 import cv2
@@ -32,6 +34,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MIN_FACE = 0.1   # of the shorter image side (Google ML Kit's minFaceSize)
 DEFAULT_SCORE = 0.9      # final face probability (OpenCV YuNet's conf_threshold)
+MAX_PYRAMID_WORKERS = 4  # pyramid levels run at once (at most the thread count)
 
 
 def _square(boxes: np.ndarray) -> np.ndarray:
@@ -89,9 +92,26 @@ class MTCNNDetector(Model):
         if self.min_face >= 1 and self.min_face < self.cell:
             raise InputError(f"min_face must be >= {self.cell} pixels (P-Net's window), "
                              f"got {self.min_face:g}")
-        self.pnet = self._session("pnet")
+        # The pyramid's levels are independent: on ONNX Runtime (whose runs are re-entrant and
+        # concurrent) up to `threads` of them run at once, each on a one-thread P-Net session,
+        # instead of one level at a time on `threads` threads, where the small levels leave
+        # cores idle. An OpenVINO session runs one request at a time (one stream).
+        from kpface.runtimes.engines import default_threads  # lazy, like every engine import
+        self.workers = 1 if runtime != "onnxruntime" else \
+            max(1, min(int(threads or default_threads()), MAX_PYRAMID_WORKERS))
+        self.pnet = self._session("pnet", threads=1 if self.workers > 1 else None)
         self.rnet = self._session("rnet")
         self.onet = self._session("onet")
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
+
+    def close(self) -> None:
+        """Stop the pyramid's worker threads, then close the sessions (idempotent)."""
+        with self._pool_lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
+        super().close()
 
     def min_face_pixels(self, height: int, width: int) -> float:
         """The smallest face searched for in a ``height`` x ``width`` image, in pixels."""
@@ -108,23 +128,52 @@ class MTCNNDetector(Model):
             side *= self.factor
         return out
 
-    def _stage1(self, image: np.ndarray) -> np.ndarray:
+    def _level(self, image: np.ndarray, s: float) -> np.ndarray | None:
+        """P-Net on one pyramid level: candidates [n, 9] (box, score, regression) after the
+        level's own NMS, or None."""
         h, w = image.shape[:2]
-        found = []
-        for s in self.scales(h, w):
-            hs, ws = int(h * s + 1), int(w * s + 1)
-            x = self.norm(cv2.resize(image, (ws, hs), interpolation=cv2.INTER_AREA))
-            out = self.pnet.run({"image": x})
-            prob, reg = out["prob"][0, 1], out["reg"][0]
-            ys, xs = np.nonzero(prob >= self.thresholds[0])
-            if ys.size == 0:
-                continue
-            cells = np.stack([xs, ys], axis=1).astype(np.float64) * self.stride
-            boxes = np.concatenate([np.floor((cells + 1) / s),
-                                    np.floor((cells + self.cell) / s)], axis=1)
-            cand = np.concatenate([boxes, prob[ys, xs, None], reg[:, ys, xs].T], axis=1)
-            keep = nms(cand[:, :4], cand[:, 4], float(self.nms_cfg["per_scale"]))
-            found.append(cand[keep])
+        hs, ws = int(h * s + 1), int(w * s + 1)
+        x = self.norm(cv2.resize(image, (ws, hs), interpolation=cv2.INTER_AREA))
+        out = self.pnet.run({"image": x})
+        prob, reg = out["prob"][0, 1], out["reg"][0]
+        ys, xs = np.nonzero(prob >= self.thresholds[0])
+        if ys.size == 0:
+            return None
+        cells = np.stack([xs, ys], axis=1).astype(np.float64) * self.stride
+        boxes = np.concatenate([np.floor((cells + 1) / s),
+                                np.floor((cells + self.cell) / s)], axis=1)
+        cand = np.concatenate([boxes, prob[ys, xs, None], reg[:, ys, xs].T], axis=1)
+        keep = nms(cand[:, :4], cand[:, 4], float(self.nms_cfg["per_scale"]))
+        return cand[keep]
+
+    def _pyramid(self, image: np.ndarray) -> list[np.ndarray | None]:
+        """Every level's candidates, in level order. With several workers, levels are shared
+        out by area (largest first, each to the least loaded worker) and run concurrently; the
+        result is the same as one level after the other."""
+        scales = self.scales(*image.shape[:2])
+        if self.workers == 1 or len(scales) < 2:
+            return [self._level(image, s) for s in scales]
+        loads = [0.0] * self.workers
+        shares: list[list[int]] = [[] for _ in range(self.workers)]
+        for k in sorted(range(len(scales)), key=lambda k: -scales[k]):
+            w = loads.index(min(loads))
+            shares[w].append(k)
+            loads[w] += scales[k] ** 2
+        with self._pool_lock:  # detect() may be called from several threads at once
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="kpface-pnet")
+            pool = self._pool
+        done: dict[int, np.ndarray | None] = {}
+
+        def work(levels: list[int]) -> None:
+            for k in levels:
+                done[k] = self._level(image, scales[k])
+        for f in [pool.submit(work, share) for share in shares if share]:
+            f.result()
+        return [done[k] for k in range(len(scales))]
+
+    def _stage1(self, image: np.ndarray) -> np.ndarray:
+        found = [c for c in self._pyramid(image) if c is not None]
         if not found:
             return np.zeros((0, 5))
         cand = np.concatenate(found)
