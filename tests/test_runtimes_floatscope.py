@@ -114,9 +114,11 @@ def test_onnx_description(tiny_onnx):
     want = forward_scope([(n.name, n.input, n.output) for n in model.graph.node])
     assert got and set(got) == want
     ops = {n.name: n.op_type for n in model.graph.node}
-    assert {"Gather", "Gemm"} <= {ops[n] for n in got}  # the table gather and kp linear
-    # q.k and attn.v of every block: two MatMuls between activations per block.
+    # Each block's bias gather and its keypoint-table MatMul (the key-row layout: one per block).
     depth = len(registry.get("vit_kprpe_tiny").factory().blocks)
+    kinds = [ops[n] for n in got]
+    assert kinds.count("Gather") >= depth and kinds.count("MatMul") == depth
+    # q.k and attn.v of every block: two MatMuls between activations per block.
     assert len(floatscope.activation_matmuls(describe(model))) == 2 * depth
 
 

@@ -28,15 +28,16 @@ def one_error_line(err: str) -> str:
 # --- the table -------------------------------------------------------------------------------
 
 def test_every_option_key_the_builders_read_is_in_the_table():
-    """Scan each builder's source for options.get("KEY") / options["KEY"]: the column must list
-    exactly those keys, so an accepted option is never ignored and a read one never refused."""
+    """Scan each builder's source for options.get("KEY") / options.pop("KEY") / options["KEY"]:
+    the column must list exactly those keys, so an accepted option is never ignored and a read
+    one never refused."""
     for e in ENGINES:
         source = Path(e.load_builder().__file__).read_text()
         tree = ast.parse(source)
         read = set()
         for node in ast.walk(tree):
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
-                    and node.func.attr == "get" and isinstance(node.func.value, ast.Name) \
+                    and node.func.attr in ("get", "pop") and isinstance(node.func.value, ast.Name) \
                     and node.func.value.id == "options" and node.args \
                     and isinstance(node.args[0], ast.Constant):
                 read.add(node.args[0].value)
