@@ -20,22 +20,20 @@ def _ratio(num: float | None, den: float | None) -> float | None:
     return num / den
 
 
-def p50(rows: list[dict], **match) -> float | None:
-    """The p50 latency of the first measured row whose fields equal ``match`` (a row without
-    a ``variant`` field has variant "")."""
-    for r in rows:
-        if r.get("status") == "ok" and all(r.get(k, "" if k == "variant" else None) == v
-                                           for k, v in match.items()):
-            return r["latency_ms"]["p50"]
-    return None
-
-
-def _row(rows: list[dict], **match) -> dict | None:
+def row(rows: list[dict], **match) -> dict | None:
+    """The first measured row whose fields equal ``match`` (a row without a ``variant`` field
+    has variant "")."""
     for r in rows:
         if r.get("status") == "ok" and all(r.get(k, "" if k == "variant" else None) == v
                                            for k, v in match.items()):
             return r
     return None
+
+
+def p50(rows: list[dict], **match) -> float | None:
+    """The p50 latency of :func:`row`'s row."""
+    r = row(rows, **match)
+    return None if r is None else r["latency_ms"]["p50"]
 
 
 def paired_ratio(num: dict | None, den: dict | None, rounds: int) -> float | None:
@@ -77,9 +75,9 @@ def kprpe_overhead(rows: list[dict], plan: Plan, s: Settings) -> Entries:
             p50(rows, stage="embed", model=pair["plain"], runtime=runtime, precision="fp32",
                 batch=b, variant=variant)) for b in s.batches}
         paired = {str(b): paired_ratio(
-            _row(rows, stage="embed", model=pair["kprpe"], runtime=runtime, precision="fp32",
+            row(rows, stage="embed", model=pair["kprpe"], runtime=runtime, precision="fp32",
                  batch=b, variant=variant),
-            _row(rows, stage="embed", model=pair["plain"], runtime=runtime, precision="fp32",
+            row(rows, stage="embed", model=pair["plain"], runtime=runtime, precision="fp32",
                  batch=b, variant=variant), s.rounds) for b in s.batches}
         ok = any(v is not None for v in by_batch.values())
         out[name] = {

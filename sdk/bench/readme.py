@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .ratios import row
+
 BEGIN, END = "<!-- measured:begin -->", "<!-- measured:end -->"
 TARGETS = {"rss_over_file": {"fp32": 1.3, "int8": 1.5}, "kprpe_overhead": 1.03,
            "int8_speedup": 3.0, "e2e_ms": 100.0, "detect_ms": 40.0}
@@ -21,13 +23,6 @@ TARGETS = {"rss_over_file": {"fp32": 1.3, "int8": 1.5}, "kprpe_overhead": 1.03,
 
 def _f(v: Any, spec: str = ".1f", none: str = "-") -> str:
     return none if v is None else format(v, spec)
-
-
-def _ok(rows: list[dict], **match) -> dict | None:
-    for r in rows:
-        if r.get("status") == "ok" and all(r.get(k, "") == v for k, v in match.items()):
-            return r
-    return None
 
 
 def _label(runtime: str, precision: str, variant: str) -> str:
@@ -54,14 +49,14 @@ def _recognizer_table(report: dict) -> list[str]:
         seen.append(key)
         cells = [_label(*key)]
         for b in batches:
-            x = _ok(rows, runtime=key[0], precision=key[1], variant=key[2], batch=b)
+            x = row(rows, runtime=key[0], precision=key[1], variant=key[2], batch=b)
             if x is None:
                 cells.append("-")
                 continue
             frac = x.get("fraction_of_peak") if key[1] == "fp32" else None  # fp32 FLOPs only
             cells.append(f"{_f(x['latency_ms']['p50'])} ms"
                          + (f" ({frac * 100:.0f}% of GEMM peak)" if frac and gemm else ""))
-        one = _ok(rows, runtime=key[0], precision=key[1], variant=key[2], batch=batches[0])
+        one = row(rows, runtime=key[0], precision=key[1], variant=key[2], batch=batches[0])
         mem = (one or {}).get("memory") or {}
         cells.append(f"{_f(mem.get('peak_delta_mb'), '.0f')} MB / "
                      f"{_f((one or {}).get('size_bytes', 0) / 2 ** 20, '.0f')} MB = "
