@@ -190,25 +190,24 @@ def clean_leftovers(final: str | os.PathLike) -> list[Path]:
     return removed
 
 
+def _fsync_path(path: str) -> None:
+    """Flush one file or directory to disk; a path that cannot be opened is skipped."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def fsync_tree(root: Path) -> None:
     """Flush every file of ``root`` (and the directories) to disk before it is switched in."""
     for d, _, names in os.walk(root):
         for name in names:
             p = os.path.join(d, name)
-            if os.path.islink(p):
-                continue
-            with contextlib.suppress(OSError):
-                fd = os.open(p, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-        with contextlib.suppress(OSError):
-            fd = os.open(d, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            if not os.path.islink(p):
+                _fsync_path(p)
+        _fsync_path(d)
 
 
 @contextlib.contextmanager
